@@ -1,0 +1,1 @@
+"""The jobs: each module's ``run(argv)`` wires transforms and options into a pipeline."""

@@ -1,0 +1,60 @@
+"""What every job shares: option handling, user-facing errors, and the summary output."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, S3Options
+
+from transforms.s3 import S3Config
+
+__all__ = ["UserError", "cli_main", "counters", "pipeline_options", "s3_config"]
+
+# Beam knows DaskRunner only by its module path.
+RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+
+
+class UserError(Exception):
+    """A problem with the user's input or setup: printed as one line, exit status 2."""
+
+
+def pipeline_options(argv: Sequence[str] | None) -> PipelineOptions:
+    """Parses ``argv`` into PipelineOptions, resolving runner aliases."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        for alias, path in RUNNER_ALIASES.items():
+            if arg == f"--runner={alias}":
+                args[i] = f"--runner={path}"
+            elif arg == alias and i and args[i - 1] == "--runner":
+                args[i] = path
+    return PipelineOptions(args)
+
+
+def s3_config(options: PipelineOptions) -> S3Config:
+    """The project's S3 client settings from Beam's own ``S3Options`` flags."""
+    return S3Config.from_options(options.view_as(S3Options))
+
+
+def counters(result, namespace: str) -> dict[str, int]:
+    """The committed (or attempted) values of a job's counters, by name."""
+    values = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))[
+        "counters"
+    ]:
+        value = counter.committed if counter.committed is not None else counter.attempted
+        values[counter.key.metric.name] = values.get(counter.key.metric.name, 0) + value
+    return dict(sorted(values.items()))
+
+
+def cli_main(name: str, job: Callable[[list[str] | None], object], argv=None) -> None:
+    """Runs ``job``; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    try:
+        job(argv)
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,304 @@
+"""The convert job: an S3 prefix (or local folder) of ``<class>/<file>`` images in;
+deterministic sharded TFRecords, ``labels.txt``, ``rejected.jsonl`` and, last,
+``dataset_info.json`` out (DESIGN.md, "Data contract").
+
+    python -m beam_jobs.convert --input s3://bucket/images/ --output s3://bucket/tfrecords/
+
+Any Beam runner option works alongside (``--runner``, ``--direct_num_workers``,
+``--s3_endpoint_url`` …); ``--runner=DaskRunner`` is accepted as an alias.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import apache_beam as beam
+import botocore.exceptions
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs.common import UserError, cli_main, counters, pipeline_options, s3_config
+from transforms import s3, storage
+from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
+from transforms.listing import METRICS_NAMESPACE, ListImages
+from transforms.manifest import DATASET_INFO, WriteDatasetInfo
+from transforms.s3 import S3Config
+from transforms.sharding import AssignShards
+from transforms.tfrecords import ConvertSettings, WriteShards
+
+__all__ = ["ConvertOptions", "main", "run"]
+
+TOOL = {"name": "s3-tfrecords", "version": "0.1.0"}
+DEFAULT_VALIDATION_FRACTION = 0.1
+DEFAULT_SPLIT_SALT = "s3-tfrecords"
+DEFAULT_RESIZE = "none"
+DEFAULT_JPEG_QUALITY = 90
+DEFAULT_SHARD_SIZE_MB = 128
+DEFAULT_MAX_CONCURRENT_GETS = 16
+
+
+class ConvertOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument("--input", help="s3://bucket/prefix/ or a local dir of <class>/<file>")
+        parser.add_argument("--output", help="s3://bucket/prefix/ or a local dir for the dataset")
+        parser.add_argument(
+            "--labels_file",
+            default=None,
+            help="fix the class list and order (one name per line); other classes are rejected",
+        )
+        parser.add_argument(
+            "--validation_fraction",
+            type=float,
+            default=DEFAULT_VALIDATION_FRACTION,
+            help="share of images in the validation split, by salted key hash (0 allowed)",
+        )
+        parser.add_argument(
+            "--split_from_dirs",
+            action="store_true",
+            help="the input is laid out <split>/<class>/<file>: take splits from it",
+        )
+        parser.add_argument(
+            "--split_salt",
+            default=DEFAULT_SPLIT_SALT,
+            help="salt of the key hash that picks splits and shards",
+        )
+        parser.add_argument(
+            "--resize",
+            default=DEFAULT_RESIZE,
+            help="none (keep size; RGB JPEGs keep their bytes), shorter:256, fit:224x224 "
+            "or crop:224x224",
+        )
+        parser.add_argument(
+            "--channels", type=int, default=3, choices=(1, 3), help="3 (RGB) or 1 (grayscale)"
+        )
+        parser.add_argument(
+            "--image_format", default="jpeg", choices=("jpeg", "png"), help="output encoding"
+        )
+        parser.add_argument(
+            "--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY, help="1..95"
+        )
+        parser.add_argument(
+            "--max_pixels",
+            type=int,
+            default=DEFAULT_MAX_PIXELS,
+            help="reject images with more pixels than this (decompression bombs)",
+        )
+        parser.add_argument(
+            "--shard_size_mb",
+            type=float,
+            default=DEFAULT_SHARD_SIZE_MB,
+            help="target shard size; the shard count per split follows from it",
+        )
+        parser.add_argument(
+            "--num_shards", type=int, default=0, help="fixed shard count per split (0: by size)"
+        )
+        parser.add_argument(
+            "--compression", default="none", choices=("none", "gzip"), help="shard compression"
+        )
+        parser.add_argument(
+            "--max_concurrent_gets",
+            type=int,
+            default=DEFAULT_MAX_CONCURRENT_GETS,
+            help="image GETs and conversions in flight per worker",
+        )
+
+
+def _validate(opts: ConvertOptions) -> None:
+    if not opts.input or not opts.output:
+        raise UserError("--input and --output are required (s3://bucket/prefix/ or a path)")
+    if not 0 <= opts.validation_fraction < 1:
+        raise UserError("--validation_fraction must be in [0, 1)")
+    if not 1 <= opts.jpeg_quality <= 95:
+        raise UserError("--jpeg_quality must be in 1..95")
+    for flag in ("max_pixels", "shard_size_mb", "max_concurrent_gets"):
+        if getattr(opts, flag) <= 0:
+            raise UserError(f"--{flag} must be positive")
+    if opts.num_shards < 0:
+        raise UserError("--num_shards must be 0 (by size) or positive")
+    try:
+        parse_resize(opts.resize)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _normalise(uri: str) -> str:
+    if s3.is_s3(uri):
+        return uri.rstrip("/") + "/"
+    return os.path.realpath(uri) + os.sep
+
+
+def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
+    """Fails early, with one line, on a missing bucket, prefix or class layout."""
+    try:
+        if not s3.is_s3(root) and not os.path.isdir(root):
+            raise UserError(f"input {root} is not a directory")
+        folders = files = 0
+        for _name, size in storage.list_level(root, config):
+            folders += size is None
+            files += size is not None
+            if folders:
+                break
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            raise UserError(f"bucket of {root} does not exist") from None
+        raise UserError(f"cannot list {root}: {code or e}") from None
+    except PermissionError as e:
+        raise UserError(f"cannot list {root}: {e}") from None
+    if not folders:
+        layout = "<split>/<class>/<file>" if split_from_dirs else "<class>/<file>"
+        what = f"{files} objects but no class folders" if files else "nothing"
+        raise UserError(f"{root} holds {what}: expected images laid out {layout}")
+
+
+def _check_output(output: str, input_root: str, config: S3Config) -> None:
+    """Refuses an output inside the input, and proves the output is writable."""
+    if _normalise(output).startswith(_normalise(input_root)):
+        raise UserError(
+            f"output {output} is inside input {input_root}: a rerun would ingest its output"
+        )
+    probe = storage.join(output, ".convert-write-check")
+    try:
+        storage.write_bytes(probe, b"", config)
+        storage.delete(probe, config)
+        # The prefix must not look complete while this run rewrites it.
+        storage.delete(storage.join(output, DATASET_INFO), config)
+    except botocore.exceptions.ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise UserError(f"cannot write to {output}: {code or e}") from None
+    except OSError as e:
+        raise UserError(f"cannot write to {output}: {e.strerror or e}") from None
+
+
+def _read_labels(uri: str, config: S3Config) -> list[str]:
+    try:
+        text = storage.read_bytes(uri, config).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --labels_file {uri}: {e}") from None
+    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels or len(set(labels)) != len(labels):
+        raise UserError(f"--labels_file {uri} must list distinct class names, one per line")
+    return labels
+
+
+def _options_record(opts: ConvertOptions) -> dict:
+    """The conversion options as written to dataset_info.json (no runner, no secrets)."""
+    names = (
+        "validation_fraction", "split_from_dirs", "split_salt", "resize", "channels",
+        "image_format", "jpeg_quality", "max_pixels", "shard_size_mb", "num_shards",
+        "compression",
+    )  # fmt: skip
+    record = {name: getattr(opts, name) for name in names}
+    record["resize"] = str(parse_resize(opts.resize))
+    return record
+
+
+def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
+    """Runs the convert job; returns the finished pipeline's result.
+
+    Raises:
+        UserError: for input, output or option problems found before the pipeline starts.
+    """
+    options = pipeline_options(argv)
+    opts = options.view_as(ConvertOptions)
+    _validate(opts)
+    config = s3_config(options)
+    _check_input(opts.input, config, opts.split_from_dirs)
+    _check_output(opts.output, opts.input, config)
+    fixed_labels = _read_labels(opts.labels_file, config) if opts.labels_file else None
+    settings = ConvertSettings(
+        parse_resize(opts.resize), opts.channels, opts.image_format, opts.jpeg_quality,
+        opts.max_pixels,
+    )  # fmt: skip
+    base_info = {
+        "tool": TOOL,
+        "source": {"uri": opts.input},
+        "options": _options_record(opts),
+        "compression": "GZIP" if opts.compression == "gzip" else "",
+    }
+    print(f"[convert] listing {opts.input} …", file=sys.stderr, flush=True)
+
+    with beam.Pipeline(options=options) as p:
+        listed = p | "ListImages" >> ListImages(opts.input, config, opts.split_from_dirs)
+        if fixed_labels:
+            labels = p | "FixedLabels" >> beam.Create([fixed_labels])
+        else:
+            labels = (
+                listed["refs"]
+                | "LabelNames" >> beam.Map(lambda ref: ref.label)
+                | "DistinctLabels" >> beam.Distinct()
+                | "LabelList" >> beam.combiners.ToList()
+                | "SortLabels" >> beam.Map(sorted)
+            )
+        listed_count = (
+            (listed["refs"], listed["rejected"])
+            | "AllListed" >> beam.Flatten()
+            | "CountListed" >> beam.combiners.Count.Globally()
+        )
+        estimate = functools.partial(
+            estimated_encoded_bytes, settings.resize, settings.image_format
+        )
+        assigned = listed["refs"] | "AssignShards" >> AssignShards(
+            labels,
+            opts.validation_fraction,
+            opts.split_salt,
+            estimate,
+            int(opts.shard_size_mb * 1024 * 1024),
+            opts.num_shards,
+        )
+        written = assigned["groups"] | "WriteShards" >> WriteShards(
+            opts.input,
+            opts.output,
+            settings,
+            base_info["compression"],
+            opts.max_concurrent_gets,
+            config,
+        )
+        rejected = (
+            listed["rejected"],
+            assigned["rejected"],
+            written["rejected"],
+        ) | "AllRejected" >> beam.Flatten()
+        _ = {"shards": written["shards"], "rejected": rejected} | "WriteDatasetInfo" >> (
+            WriteDatasetInfo(opts.output, labels, listed_count, base_info, config)
+        )
+    return p.result
+
+
+def print_summary(output: str, result, config: S3Config | None = None) -> None:
+    """Prints what a person asks after a run: classes, splits, shards, rejections."""
+    info = json.loads(storage.read_bytes(storage.join(output, DATASET_INFO), config))
+    counts = info["counts"]
+    print(f"\nDataset written to {output}")
+    print(f"  classes ({info['num_classes']}): {', '.join(info['labels'])}")
+    for split, s in info["splits"].items():
+        per_class = ", ".join(f"{k}={v}" for k, v in s["class_counts"].items())
+        print(
+            f"  {split}: {s['examples']} examples in {s['num_shards']} shards, "
+            f"{s['bytes'] / 1e6:.1f} MB ({per_class})"
+        )
+    print(
+        f"  listed {counts['listed']}, converted {counts['converted']}, "
+        f"rejected {counts['rejected']} (see rejected.jsonl)"
+    )
+    rejected = storage.read_bytes(storage.join(output, "rejected.jsonl"), config)
+    for line in rejected.decode().splitlines()[:10]:
+        r = json.loads(line)
+        print(f"    rejected {r['key']}: {r['reason']}")
+    print("  counters: " + ", ".join(f"{k}={v}" for k, v in counters(result, METRICS_NAMESPACE).items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    def _job(args):
+        result = run(args)
+        opts = pipeline_options(args).view_as(ConvertOptions)
+        print_summary(opts.output, result, s3_config(pipeline_options(args)))
+
+    cli_main("convert", _job, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The README's commands. Sets up .venv (reused while requirements.txt and setup.py are
+# unchanged), then:
+#   ./run_local.sh                 end-to-end demo on a local S3 server and sample images
+#   ./run_local.sh test [ARGS]     the test suite (pytest ARGS)
+#   ./run_local.sh JOB [ARGS]      a job on your own data: convert (more: --help)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+VENV=.venv
+STAMP="$VENV/.requirements.sha256"
+
+setup_venv() {
+  local want
+  want=$(cat requirements.txt setup.py | sha256sum | cut -d' ' -f1)
+  if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]]; then
+    return
+  fi
+  echo "run_local.sh: installing dependencies into $VENV (first run takes a few minutes)" >&2
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip wheel setuptools
+  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  echo "$want" >"$STAMP"
+}
+
+setup_venv
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# TensorFlow's start-up chatter hides the tools' own output.
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+
+cmd=${1:-demo}
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  demo) exec "$VENV/bin/python" -m beam_jobs.demo "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest tests "$@" ;;
+  convert) exec "$VENV/bin/python" -m "beam_jobs.$cmd" "$@" ;;
+  -h|--help|help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) echo "run_local.sh: unknown command '$cmd' (try: demo, test, convert, help)" >&2; exit 2 ;;
+esac

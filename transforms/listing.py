@@ -1,0 +1,140 @@
+"""ListImages: an input root laid out ``<class>/<file>`` (or ``<split>/<class>/<file>``)
+in, one :class:`ImageRef` per candidate image out, plus a :class:`Rejection` for every
+listed object that cannot be one.
+
+The root's first level (and the split level) is listed by one worker; the class folders
+under it are then listed in parallel, each page by page, so no process needs the whole
+listing beyond the references it emits.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from transforms import storage
+from transforms.records import ImageRef, Rejection
+from transforms.s3 import S3Config
+
+__all__ = ["ListImages", "METRICS_NAMESPACE", "REJECTED", "count_rejection"]
+
+METRICS_NAMESPACE = "convert"
+REJECTED = "rejected"
+
+
+def count_rejection(rejection: Rejection) -> Rejection:
+    """Counts a rejection in the job's counters (total and by code) and returns it."""
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, "rejected").inc()
+    beam.metrics.Metrics.counter(METRICS_NAMESPACE, f"rejected_{rejection.code}").inc()
+    return rejection
+
+
+def _direct_object(rel: str, what: str) -> Rejection:
+    if rel.endswith("/") or not rel:
+        return Rejection(rel, "list", "directory_marker", "directory marker object, no data")
+    return Rejection(rel, "list", "no_class_folder", f"object directly under {what}: "
+                     "images must sit in a class folder, <class>/<file>")  # fmt: skip
+
+
+class _ListRootFn(beam.DoFn):
+    """root URI -> (folder, split, label) per class folder; rejects direct objects."""
+
+    def __init__(self, config: S3Config | None, split_from_dirs: bool) -> None:
+        self._config = config
+        self._split_from_dirs = split_from_dirs
+        self._listed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "listed")
+
+    def process(self, root: str):
+        tops = sorted(storage.list_level(root, self._config))
+        for name, size in tops:
+            if size is not None:
+                self._listed.inc()
+                yield pvalue.TaggedOutput(REJECTED, _direct_object(name, "the input root"))
+            elif not self._split_from_dirs:
+                yield name, "", name
+            else:
+                split_uri = storage.join(root, name)
+                for class_name, class_size in sorted(
+                    storage.list_level(split_uri, self._config)
+                ):
+                    rel = f"{name}/{class_name}"
+                    if class_size is not None:
+                        self._listed.inc()
+                        yield pvalue.TaggedOutput(
+                            REJECTED, _direct_object(rel, f"the split folder {name!r}")
+                        )
+                    else:
+                        yield rel, name, class_name
+
+
+class _ListFolderFn(beam.DoFn):
+    """(folder, split, label) -> ImageRef per object under it, recursively."""
+
+    def __init__(self, root: str, config: S3Config | None) -> None:
+        self._root = root
+        self._config = config
+        self._listed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "listed")
+
+    def process(self, folder: tuple[str, str, str]):
+        rel_folder, split, label = folder
+        for rel, size in storage.walk(storage.join(self._root, rel_folder), self._config):
+            self._listed.inc()
+            key = f"{rel_folder}/{rel}"
+            if not rel or rel.endswith("/"):
+                yield pvalue.TaggedOutput(REJECTED, _direct_object(key, ""))
+            elif size == 0:
+                yield pvalue.TaggedOutput(
+                    REJECTED, Rejection(key, "list", "zero_bytes", "zero-byte object")
+                )
+            elif size < 0:
+                yield pvalue.TaggedOutput(
+                    REJECTED,
+                    Rejection(key, "list", "unreadable", "cannot stat (dangling link?)"),
+                )
+            else:
+                yield ImageRef(key, size, label, split)
+
+
+class ListImages(beam.PTransform):
+    """Lists an input root into image references.
+
+    Args:
+        root: ``s3://bucket/prefix`` or a local directory.
+        config: S3 client settings (``None``: the standard AWS chain).
+        split_from_dirs: the root holds ``<split>/<class>/<file>``.
+
+    Returns:
+        A dict: ``"refs"`` (``ImageRef``) and ``"rejected"`` (``Rejection``).
+    """
+
+    def __init__(
+        self, root: str, config: S3Config | None = None, split_from_dirs: bool = False
+    ) -> None:
+        super().__init__()
+        self._root = root
+        self._config = config
+        self._split_from_dirs = split_from_dirs
+
+    def expand(self, pbegin):
+        top = (
+            pbegin
+            | "Root" >> beam.Create([self._root])
+            | "ListRoot"
+            >> beam.ParDo(_ListRootFn(self._config, self._split_from_dirs)).with_outputs(
+                REJECTED, main="folders"
+            )
+        )
+        # (folder, split, label): spread so that class folders are listed in parallel.
+        listed = (
+            top.folders
+            | "SpreadFolders" >> beam.Reshuffle()
+            | "ListFolders"
+            >> beam.ParDo(_ListFolderFn(self._root, self._config)).with_outputs(
+                REJECTED, main="refs"
+            )
+        )
+        rejected = (top[REJECTED], listed[REJECTED]) | "FlattenRejected" >> beam.Flatten()
+        return {
+            "refs": listed.refs,
+            "rejected": rejected | "CountRejected" >> beam.Map(count_rejection),
+        }

@@ -1,0 +1,211 @@
+"""WriteDatasetInfo: shard infos and rejections in; labels.txt, rejected.jsonl and, last,
+dataset_info.json out.
+
+``dataset_info.json`` is the commit marker: it is written only after every shard is in
+place under its final name and stale shards of earlier runs are gone, and only when every
+listed object is accounted for (``listed = converted + rejected``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from transforms import storage
+from transforms.records import Rejection
+from transforms.s3 import S3Config
+from transforms.tfrecords import SHARD_NAME_PATTERN, shard_name
+
+__all__ = [
+    "DATASET_INFO",
+    "FEATURES",
+    "FORMAT_VERSION",
+    "LABELS",
+    "REJECTED_FILE",
+    "WriteDatasetInfo",
+    "commit_dataset",
+]
+
+DATASET_INFO = "dataset_info.json"
+LABELS = "labels.txt"
+REJECTED_FILE = "rejected.jsonl"
+FORMAT_VERSION = 1
+FEATURES = {
+    "image/encoded": {"dtype": "string", "description": "encoded image (JPEG or PNG)"},
+    "image/format": {"dtype": "string", "description": "jpeg or png"},
+    "image/height": {"dtype": "int64", "description": "height of the encoded image"},
+    "image/width": {"dtype": "int64", "description": "width of the encoded image"},
+    "image/channels": {"dtype": "int64", "description": "3 (RGB) or 1 (grayscale)"},
+    "image/class/label": {"dtype": "int64", "description": "line index in labels.txt"},
+    "image/class/text": {"dtype": "string", "description": "class name"},
+    "image/filename": {"dtype": "string", "description": "source key under the input"},
+    "image/source_sha256": {"dtype": "string", "description": "hex sha256 of the source"},
+}
+
+
+class AccountingError(RuntimeError):
+    """Listed objects are missing from both the output and the rejections."""
+
+
+def _merge_stats(shards: list[dict]) -> dict:
+    formats: collections.Counter[str] = collections.Counter()
+    height, width, examples = [None, 0, 0], [None, 0, 0], 0
+    for shard in shards:
+        stats = shard["stats"]
+        formats.update(stats["source_formats"])
+        examples += shard["examples"]
+        for acc, (lo, hi, total) in ((height, stats["height"]), (width, stats["width"])):
+            if shard["examples"]:
+                acc[0] = lo if acc[0] is None else min(acc[0], lo)
+                acc[1], acc[2] = max(acc[1], hi), acc[2] + total
+
+    def _summary(acc):
+        return {"min": acc[0] or 0, "max": acc[1], "mean": round(acc[2] / examples, 2)
+                if examples else 0}  # fmt: skip
+
+    return {
+        "source_height": _summary(height),
+        "source_width": _summary(width),
+        "source_formats": dict(sorted(formats.items())),
+    }
+
+
+def commit_dataset(
+    output_root: str,
+    shards: list[dict],
+    rejected: list[Rejection],
+    labels: list[str],
+    listed: int,
+    base_info: dict,
+    config: S3Config | None = None,
+) -> dict:
+    """Finishes a dataset: names, cleans, and writes the metadata files, manifest last.
+
+    A shard whose every image was rejected was not written; the others of its split are
+    then renamed so that names run ``00000 .. N-1`` of ``N`` without a gap.
+
+    Returns:
+        The dataset_info dict that was written.
+
+    Raises:
+        AccountingError: if ``listed != converted + rejected`` (nothing is written then).
+    """
+    converted = sum(s["examples"] for s in shards)
+    if listed != converted + len(rejected):
+        raise AccountingError(
+            f"listed {listed} objects but converted {converted} and rejected "
+            f"{len(rejected)}: refusing to mark the dataset complete"
+        )
+    by_split: dict[str, list[dict]] = collections.defaultdict(list)
+    for shard in sorted(shards, key=lambda s: s["file"]):
+        if shard["examples"]:
+            by_split[shard["split"]].append(shard)
+    splits = {}
+    for split, written in sorted(by_split.items()):
+        entries = []
+        for index, shard in enumerate(written):
+            final = shard_name(split, index, len(written))
+            if final != shard["file"]:
+                storage.rename(
+                    storage.join(output_root, shard["file"]),
+                    storage.join(output_root, final),
+                    config,
+                )
+            entries.append(
+                {"file": final, "examples": shard["examples"], "bytes": shard["bytes"],
+                 "sha256": shard["sha256"]}  # fmt: skip
+            )
+        class_counts: collections.Counter[str] = collections.Counter()
+        for shard in written:
+            class_counts.update(shard["stats"]["class_counts"])
+        splits[split] = {
+            "examples": sum(e["examples"] for e in entries),
+            "bytes": sum(e["bytes"] for e in entries),
+            "num_shards": len(entries),
+            "class_counts": {label: class_counts.get(label, 0) for label in labels},
+            "shards": entries,
+        }
+    keep = {e["file"] for split in splits.values() for e in split["shards"]}
+    for name in storage.list_files(output_root, config):
+        if re.fullmatch(SHARD_NAME_PATTERN, name) and name not in keep:
+            storage.delete(storage.join(output_root, name), config)
+
+    ordered = sorted(rejected, key=lambda r: (r.key, r.stage, r.code))
+    by_code = collections.Counter(r.code for r in ordered)
+    info = {
+        "format_version": FORMAT_VERSION,
+        **base_info,
+        "labels": labels,
+        "num_classes": len(labels),
+        "features": FEATURES,
+        "counts": {
+            "listed": listed,
+            "converted": converted,
+            "rejected": len(ordered),
+            "rejected_by_code": dict(sorted(by_code.items())),
+        },
+        "splits": splits,
+        "image_stats": _merge_stats(shards),
+    }
+    info["source"] = {**info.get("source", {}), "objects_listed": listed}
+    storage.write_bytes(
+        storage.join(output_root, LABELS), "".join(f"{label}\n" for label in labels).encode(),
+        config,
+    )  # fmt: skip
+    storage.write_bytes(
+        storage.join(output_root, REJECTED_FILE),
+        "".join(r.to_json() + "\n" for r in ordered).encode(),
+        config,
+    )
+    storage.write_bytes(
+        storage.join(output_root, DATASET_INFO),
+        (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode(),
+        config,
+    )
+    return info
+
+
+class WriteDatasetInfo(beam.PTransform):
+    """Commits a converted dataset once every shard is written.
+
+    Args:
+        output_root: the dataset prefix.
+        labels: one-element PCollection with the class names.
+        listed: one-element PCollection with the number of objects listed.
+        base_info: manifest fields known up front (source, options, tool).
+        config: S3 client settings.
+
+    The input is a dict: ``"shards"`` (shard info dicts) and ``"rejected"`` (Rejection).
+    Returns a one-element PCollection with the written dataset_info dict.
+    """
+
+    def __init__(self, output_root, labels, listed, base_info: dict, config=None) -> None:
+        super().__init__()
+        self._output = output_root
+        self._labels = labels
+        self._listed = listed
+        self._base = base_info
+        self._config = config
+
+    def expand(self, inputs):
+        shards = inputs["shards"] | "ShardList" >> beam.combiners.ToList()
+        rejected = inputs["rejected"] | "RejectedList" >> beam.combiners.ToList()
+        output, base, config = self._output, self._base, self._config
+        return (
+            shards.pipeline
+            | "CommitTrigger" >> beam.Create([None])
+            | "Commit"
+            >> beam.Map(
+                lambda _, s, r, labels, listed: commit_dataset(
+                    output, s, r, labels, listed, base, config
+                ),
+                pvalue.AsSingleton(shards),
+                pvalue.AsSingleton(rejected),
+                pvalue.AsSingleton(self._labels),
+                pvalue.AsSingleton(self._listed),
+            )
+        )

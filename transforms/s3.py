@@ -1,0 +1,219 @@
+"""S3 access shared by the jobs, the reader, the tests and the benchmarks (no Beam import).
+
+In: ``s3://bucket/key`` URIs and an optional :class:`S3Config` (Beam's ``S3Options`` values,
+or nothing for the standard AWS chain). Out: boto3 clients with explicit retries, paged
+listings, whole-object reads that survive truncated bodies, and atomic uploads.
+
+Why not Beam's S3 filesystem for everything: it builds its client without a retry config,
+does not retry ``CreateMultipartUpload`` and fails on empty objects (DESIGN.md, "Known
+traps"). boto3's transfer manager aborts failed multipart uploads and retries parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+__all__ = [
+    "S3Config",
+    "S3Object",
+    "body_retries",
+    "client",
+    "get_bytes",
+    "is_s3",
+    "iter_objects",
+    "list_prefixes",
+    "parse",
+    "put_bytes",
+    "upload_file",
+]
+
+# botocore's "standard" mode retries throttling (503 SlowDown), 500s and connection errors
+# with jittered backoff; the default of 3 attempts is too few for long jobs.
+DEFAULT_MAX_ATTEMPTS = 10
+# A body cut mid-stream is outside botocore's retry loop (DESIGN.md, "Known traps").
+BODY_RETRIES = 5
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+
+_TRANSIENT_BODY_ERRORS = (
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.EndpointConnectionError,
+    ConnectionError,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Config:
+    """Client settings; every field left ``None`` falls back to the standard AWS chain.
+
+    The field names match Beam's ``S3Options`` so a job passes its options straight in.
+    """
+
+    s3_endpoint_url: str | None = None
+    s3_region_name: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_session_token: str | None = None
+    s3_verify: str | None = None
+    s3_disable_ssl: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_pool_connections: int = 64
+
+    @classmethod
+    def from_options(cls, options: Any) -> S3Config:
+        """Builds a config from any object with Beam ``S3Options`` attributes."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {n: getattr(options, n) for n in names if getattr(options, n, None)}
+        return cls(**values)
+
+    def __repr__(self) -> str:
+        # Never print a secret: only say whether one was given.
+        shown = {
+            f.name: ("<set>" if "secret" in f.name or "token" in f.name else v)
+            for f in dataclasses.fields(self)
+            if (v := getattr(self, f.name)) not in (None, False)
+        }
+        return f"S3Config({shown})"
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str = ""
+
+
+_local = threading.local()
+
+
+def client(config: S3Config | None = None) -> Any:
+    """Returns a boto3 S3 client (cached per thread and config; clients are not shared).
+
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and the rest of the AWS chain are honoured
+    by boto3 itself when the config leaves them unset.
+    """
+    config = config or S3Config()
+    cache = getattr(_local, "clients", None)
+    if cache is None:
+        cache = _local.clients = {}
+    if config not in cache:
+        verify: Any = None
+        if config.s3_verify is not None:
+            verify = False if config.s3_verify.lower() in ("false", "0") else config.s3_verify
+        session = boto3.session.Session(
+            aws_access_key_id=config.s3_access_key_id,
+            aws_secret_access_key=config.s3_secret_access_key,
+            aws_session_token=config.s3_session_token,
+            region_name=config.s3_region_name,
+        )
+        cache[config] = session.client(
+            "s3",
+            endpoint_url=config.s3_endpoint_url,
+            use_ssl=not config.s3_disable_ssl,
+            verify=verify,
+            config=botocore.config.Config(
+                retries={"mode": "standard", "max_attempts": config.max_attempts},
+                max_pool_connections=config.max_pool_connections,
+                connect_timeout=10,
+                read_timeout=60,
+                # Some S3-compatible servers reject boto3's newer default checksums.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+    return cache[config]
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def parse(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``.
+
+    Raises:
+        ValueError: if ``uri`` is not an ``s3://`` URI with a bucket.
+    """
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    return bucket, key
+
+
+def iter_objects(
+    bucket: str, prefix: str, config: S3Config | None = None
+) -> Iterator[S3Object]:
+    """Streams every object under ``prefix`` page by page (1,000 keys per request)."""
+    paginator = client(config).get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", ()):
+            yield S3Object(item["Key"], item["Size"], item.get("ETag", "").strip('"'))
+
+
+def list_prefixes(
+    bucket: str, prefix: str, config: S3Config | None = None
+) -> Iterator[str | S3Object]:
+    """One level below ``prefix``: yields sub-prefixes (``str``) and direct objects."""
+    paginator = client(config).get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for common in page.get("CommonPrefixes", ()):
+            yield common["Prefix"]
+        for item in page.get("Contents", ()):
+            yield S3Object(item["Key"], item["Size"], item.get("ETag", "").strip('"'))
+
+
+def body_retries(fn, *args, attempts: int = BODY_RETRIES, **kwargs):
+    """Calls ``fn`` again when a response body is cut mid-stream (jittered backoff)."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except _TRANSIENT_BODY_ERRORS:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def get_bytes(bucket: str, key: str, config: S3Config | None = None) -> bytes:
+    """Reads a whole object; a truncated body is detected by botocore and retried here."""
+
+    def _get() -> bytes:
+        return client(config).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    return body_retries(_get)
+
+
+def put_bytes(
+    bucket: str, key: str, data: bytes, config: S3Config | None = None, **extra: Any
+) -> None:
+    """Single-request PUT; retried by botocore (the body is seekable bytes)."""
+    client(config).put_object(Bucket=bucket, Key=key, Body=data, **extra)
+
+
+def upload_file(
+    path: str, bucket: str, key: str, config: S3Config | None = None, **extra: Any
+) -> None:
+    """Uploads a local file; multipart above 64 MiB (aborted on failure, nothing orphaned).
+
+    The object becomes visible atomically when the upload completes.
+    """
+    transfer = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        max_concurrency=4,
+    )
+    client(config).upload_file(path, bucket, key, ExtraArgs=extra or None, Config=transfer)

@@ -1,0 +1,139 @@
+"""AssignShards: image references in, references grouped by output shard out.
+
+Split and shard membership come from a salted hash of the key (never from bundle order),
+so the output is the same on every runner and worker count, and an image keeps its split
+when others are added. Only references are grouped; image bytes never are.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from transforms.listing import REJECTED, count_rejection
+from transforms.records import ImageRef, Rejection, ShardItem, key_hash
+
+__all__ = ["AssignShards", "num_shards"]
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def num_shards(examples: int, estimated_bytes: int, shard_bytes: int, fixed: int = 0) -> int:
+    """Shards for a split: ``fixed`` if given, else enough for ``shard_bytes`` each.
+
+    Never more shards than examples, so no shard is empty by construction of the count.
+    """
+    wanted = fixed or math.ceil(estimated_bytes / shard_bytes)
+    return max(1, min(wanted, examples))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+class _AssignFn(beam.DoFn):
+    """ImageRef -> (split, ShardItem), or a Rejection for unknown or invalid names."""
+
+    def __init__(self, validation_fraction: float, salt: str) -> None:
+        self._fraction = validation_fraction
+        self._salt = salt
+        self._labels: list[str] | None = None
+        self._index: dict[str, int] = {}
+
+    def process(self, ref: ImageRef, labels: list[str]):
+        if labels is not self._labels:  # side inputs are the same object per bundle
+            self._labels, self._index = labels, {n: i for i, n in enumerate(labels)}
+        rejection = None
+        if not _utf8(ref.key):
+            rejection = ("bad_key", "key is not valid UTF-8")
+        elif not _utf8(ref.label):
+            rejection = ("bad_label_name", "class folder name is not valid UTF-8")
+        elif ref.label not in self._index:
+            rejection = ("unknown_class", f"class {ref.label!r} is not in --labels_file")
+        elif ref.split and not _SPLIT_NAME.fullmatch(ref.split):
+            rejection = ("bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+")
+        if rejection:
+            key = ref.key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            yield pvalue.TaggedOutput(
+                REJECTED, count_rejection(Rejection(key, "assign", *rejection))
+            )
+            return
+        u, order = key_hash(self._salt, ref.key)
+        split = ref.split or ("validation" if u < self._fraction else "train")
+        yield split, ShardItem(order, ref.key, ref.size, self._index[ref.label], ref.label)
+
+
+def _add_pairs(pairs):
+    examples = estimated = 0
+    for n, b in pairs:
+        examples += n
+        estimated += b
+    return examples, estimated
+
+
+class AssignShards(beam.PTransform):
+    """Assigns every reference to a split and a shard bucket.
+
+    Args:
+        labels: a one-element PCollection holding the sorted class names.
+        validation_fraction: share of images (by key hash) in ``validation``; ignored for
+            references whose split came from the folder layout.
+        salt: the hash salt; changing it reshuffles splits and shards.
+        estimate_bytes: source size -> estimated encoded size, to size shards.
+        shard_bytes: target shard size.
+        fixed_shards: a fixed shard count per split (0: from ``shard_bytes``).
+
+    Returns:
+        A dict: ``"groups"`` (``((split, bucket), [ShardItem])``) and ``"rejected"``.
+    """
+
+    def __init__(
+        self,
+        labels,
+        validation_fraction: float,
+        salt: str,
+        estimate_bytes,
+        shard_bytes: int,
+        fixed_shards: int = 0,
+    ) -> None:
+        super().__init__()
+        self._labels = labels
+        self._fraction = validation_fraction
+        self._salt = salt
+        self._estimate = estimate_bytes
+        self._shard_bytes = shard_bytes
+        self._fixed = fixed_shards
+
+    def expand(self, refs):
+        assigned = refs | "Assign" >> beam.ParDo(
+            _AssignFn(self._fraction, self._salt), pvalue.AsSingleton(self._labels)
+        ).with_outputs(REJECTED, main="items")
+        estimate, shard_bytes, fixed = self._estimate, self._shard_bytes, self._fixed
+        # (split, (examples, estimated bytes)) -> (split, shard count)
+        shard_counts = (
+            assigned.items
+            | "Sizes" >> beam.MapTuple(lambda split, item: (split, (1, estimate(item.size))))
+            | "SumSizes" >> beam.CombinePerKey(_add_pairs)
+            | "ShardCounts"
+            >> beam.MapTuple(
+                lambda split, s: (split, num_shards(s[0], s[1], shard_bytes, fixed))
+            )
+        )
+        groups = (
+            assigned.items
+            | "Bucket"
+            >> beam.Map(
+                lambda kv, counts: ((kv[0], kv[1].order % counts[kv[0]]), kv[1]),
+                pvalue.AsDict(shard_counts),
+            )
+            # ((split, bucket), [ShardItem]): references only, never image bytes.
+            | "GroupReferences" >> beam.GroupByKey()
+        )
+        return {"groups": groups, "rejected": assigned[REJECTED]}

@@ -1,0 +1,199 @@
+"""One interface over local directories and S3 prefixes for the jobs (no Beam import).
+
+In: a root URI (``s3://bucket/prefix`` or a local path) and names relative to it. Out:
+listings (one level, or recursive and paged), whole-object reads, and writes that appear
+atomically at their final name (local: rename; S3: an upload completes or never shows).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import botocore.exceptions
+
+from transforms import s3
+from transforms.s3 import S3Config
+
+__all__ = [
+    "Entry",
+    "delete",
+    "exists",
+    "join",
+    "list_files",
+    "list_level",
+    "put_file",
+    "read_bytes",
+    "rename",
+    "walk",
+    "write_bytes",
+]
+
+# Temp files are created 0600; finished ones get the usual mode (read at import, while
+# single-threaded: os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+Entry = tuple[str, int]  # (name relative to the listed root, size in bytes)
+
+
+def join(root: str, name: str) -> str:
+    """Joins a root URI or path and a relative ``/``-separated name with one slash."""
+    return root.rstrip("/") + "/" + name
+
+
+def _local(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def _key_prefix(uri: str) -> tuple[str, str]:
+    bucket, key = s3.parse(uri)
+    return bucket, (key.rstrip("/") + "/") if key.strip("/") else ""
+
+
+def list_level(uri: str, config: S3Config | None = None) -> Iterator[tuple[str, int | None]]:
+    """One level under ``uri``: ``(name, None)`` for sub-folders, ``(name, size)`` for files.
+
+    Folder names carry no trailing slash. An S3 "directory marker" object (a key ending in
+    ``/``, size 0) at this level is reported as a file named ``""``.
+    """
+    if s3.is_s3(uri):
+        bucket, prefix = _key_prefix(uri)
+        for item in s3.list_prefixes(bucket, prefix, config):
+            if isinstance(item, str):
+                yield item[len(prefix) :].rstrip("/"), None
+            else:
+                yield item.key[len(prefix) :], item.size
+        return
+    with os.scandir(_local(uri)) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                yield os.fsdecode(entry.name), None
+            else:
+                yield os.fsdecode(entry.name), _size(entry.path)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # a dangling link or unreadable entry: the reader reports it
+
+
+def walk(uri: str, config: S3Config | None = None) -> Iterator[Entry]:
+    """Every file under ``uri``, recursively, streamed (S3: 1,000 keys per request).
+
+    Names are relative to ``uri`` with ``/`` separators. Local symlinked folders are not
+    followed (a link loop cannot hang the listing); symlinked files are.
+    """
+    if s3.is_s3(uri):
+        bucket, prefix = _key_prefix(uri)
+        for obj in s3.iter_objects(bucket, prefix, config):
+            yield obj.key[len(prefix) :], obj.size
+        return
+    root = _local(uri)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+            yield os.fsdecode(rel).replace(os.sep, "/"), _size(os.path.join(dirpath, name))
+
+
+def list_files(uri: str, config: S3Config | None = None) -> list[str]:
+    """Names of the files directly under ``uri`` (empty when it does not exist)."""
+    if not s3.is_s3(uri) and not os.path.isdir(_local(uri)):
+        return []
+    return [name for name, size in list_level(uri, config) if size is not None and name]
+
+
+def _s3_error_code(error: Exception) -> str:
+    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
+
+
+def read_bytes(uri: str, config: S3Config | None = None) -> bytes:
+    """Reads a whole file or object.
+
+    Raises:
+        FileNotFoundError: no such file or object (or bucket).
+        PermissionError: access denied.
+    """
+    if s3.is_s3(uri):
+        try:
+            return s3.get_bytes(*s3.parse(uri), config)
+        except botocore.exceptions.ClientError as e:
+            code = _s3_error_code(e)
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
+                raise FileNotFoundError(f"{uri}: {code}") from None
+            if code in ("AccessDenied", "403"):
+                raise PermissionError(f"{uri}: {code}") from None
+            raise
+    with open(_local(uri), "rb") as f:
+        return f.read()
+
+
+def exists(uri: str, config: S3Config | None = None) -> bool:
+    if s3.is_s3(uri):
+        bucket, key = s3.parse(uri)
+        try:
+            s3.client(config).head_object(Bucket=bucket, Key=key)
+            return True
+        except botocore.exceptions.ClientError as e:
+            if _s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return os.path.exists(_local(uri))
+
+
+def put_file(path: str, uri: str, config: S3Config | None = None) -> None:
+    """Moves the local file ``path`` to ``uri``; it appears there complete or not at all."""
+    if s3.is_s3(uri):
+        s3.upload_file(path, *s3.parse(uri), config)
+        os.remove(path)
+        return
+    dest = _local(uri)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    staged = f"{dest}.tmp-{os.getpid()}"
+    shutil.move(path, staged)
+    os.chmod(staged, _FILE_MODE)
+    os.replace(staged, dest)
+
+
+def write_bytes(uri: str, data: bytes, config: S3Config | None = None) -> None:
+    """Writes a small object atomically (see :func:`put_file`)."""
+    if s3.is_s3(uri):
+        s3.put_bytes(*s3.parse(uri), data, config)
+        return
+    dest = _local(uri)
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(dest) or ".", delete=False) as f:
+        f.write(data)
+    os.chmod(f.name, _FILE_MODE)
+    os.replace(f.name, dest)
+
+
+def rename(src: str, dst: str, config: S3Config | None = None) -> None:
+    """Moves a file or object (S3: server-side copy, then delete)."""
+    if s3.is_s3(src):
+        bucket, key = s3.parse(src)
+        dst_bucket, dst_key = s3.parse(dst)
+        source = {"Bucket": bucket, "Key": key}
+        s3.client(config).copy(source, dst_bucket, dst_key)
+        delete(src, config)
+        return
+    os.replace(_local(src), _local(dst))
+
+
+def delete(uri: str, config: S3Config | None = None) -> None:
+    """Deletes one file or object; a missing one is not an error."""
+    if s3.is_s3(uri):
+        bucket, key = s3.parse(uri)
+        s3.client(config).delete_object(Bucket=bucket, Key=key)
+        return
+    try:
+        os.remove(_local(uri))
+    except FileNotFoundError:
+        pass

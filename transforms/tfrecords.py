@@ -1,0 +1,279 @@
+"""WriteShards: shard groups of references in, one TFRecord file per shard out.
+
+One DoFn call per shard: it fetches the shard's images with many GETs in flight, converts
+them with :func:`transforms.images.convert_image` (Pillow releases the GIL, so the pool
+also spreads decoding over cores), and streams the records, in hash order, into a local
+file that is then moved to its final name in one atomic step. Memory per call is bounded
+by the in-flight window, not by the shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from transforms import storage
+from transforms.images import ConvertedImage, ImageError, Resize, convert_image
+from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
+from transforms.records import Rejection, ShardItem
+from transforms.s3 import S3Config
+
+__all__ = [
+    "ConvertSettings",
+    "WriteShards",
+    "example_bytes",
+    "shard_name",
+    "SHARD_NAME_PATTERN",
+]
+
+SHARD_NAME_PATTERN = r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord"
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertSettings:
+    """What :func:`convert_image` is called with, for every image of a job."""
+
+    resize: Resize = Resize()
+    channels: int = 3
+    image_format: str = "jpeg"
+    jpeg_quality: int = 90
+    max_pixels: int = 100_000_000
+
+    def convert(self, data: bytes) -> ConvertedImage:
+        return convert_image(
+            data,
+            self.resize,
+            channels=self.channels,
+            image_format=self.image_format,
+            jpeg_quality=self.jpeg_quality,
+            max_pixels=self.max_pixels,
+        )
+
+
+def example_bytes(
+    image: ConvertedImage, label: int, label_text: str, key: str, source_sha256: str
+) -> bytes:
+    """A serialized ``tf.train.Example`` with the keys of DESIGN.md, "Data contract"."""
+    import tensorflow as tf
+
+    def _bytes(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    feature = {
+        "image/encoded": _bytes(image.encoded),
+        "image/format": _bytes(image.format.encode()),
+        "image/height": _int(image.height),
+        "image/width": _int(image.width),
+        "image/channels": _int(image.channels),
+        "image/class/label": _int(label),
+        "image/class/text": _bytes(label_text.encode()),
+        "image/filename": _bytes(key.encode()),
+        "image/source_sha256": _bytes(source_sha256.encode()),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # Map fields serialize in arbitrary order unless asked: byte-identical shards need this.
+    return example.SerializeToString(deterministic=True)
+
+
+def _in_order(
+    pool: concurrent.futures.Executor, fn: Callable, items: Iterable, window: int
+) -> Iterator:
+    """``pool.map`` with at most ``window`` calls in flight, so results never pile up."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _Stats:
+    """Per-shard counts and source image size statistics, folded into the manifest."""
+
+    def __init__(self) -> None:
+        self.examples = 0
+        self.class_counts: collections.Counter[str] = collections.Counter()
+        self.source_formats: collections.Counter[str] = collections.Counter()
+        self.source_bytes = 0
+        self.height = [sys.maxsize, 0, 0]  # min, max, sum
+        self.width = [sys.maxsize, 0, 0]
+
+    def add(self, item: ShardItem, image: ConvertedImage) -> None:
+        self.examples += 1
+        self.class_counts[item.label_text] += 1
+        self.source_formats[image.source_format] += 1
+        self.source_bytes += item.size
+        for acc, value in ((self.height, image.source_height), (self.width, image.source_width)):
+            acc[0], acc[1], acc[2] = min(acc[0], value), max(acc[1], value), acc[2] + value
+
+
+class _WriteShardFn(beam.DoFn):
+    """((split, bucket), [ShardItem]) -> shard info dict; Rejection per bad image."""
+
+    def __init__(
+        self,
+        input_root: str,
+        output_root: str,
+        settings: ConvertSettings,
+        compression: str,
+        max_concurrent_gets: int,
+        config: S3Config | None,
+    ) -> None:
+        self._input = input_root
+        self._output = output_root
+        self._settings = settings
+        self._compression = compression
+        self._gets = max_concurrent_gets
+        self._config = config
+        self._names: dict = {}
+        self._names_of: object = None
+        self._converted = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "converted")
+        self._bytes_written = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "bytes_written")
+        self._bytes_read = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "bytes_read")
+        self._shards = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shards_written")
+
+    def setup(self) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._gets)
+
+    def teardown(self) -> None:
+        self._pool.shutdown()
+
+    def _name(self, split: str, bucket: int, all_groups: list) -> str:
+        if all_groups is not self._names_of:
+            by_split = collections.defaultdict(list)
+            for s, b in all_groups:
+                by_split[s].append(b)
+            self._names = {
+                (s, b): shard_name(s, i, len(bs))
+                for s, bs in by_split.items()
+                for i, b in enumerate(sorted(bs))
+            }
+            self._names_of = all_groups
+        return self._names[(split, bucket)]
+
+    def _fetch_convert(self, item: ShardItem):
+        uri = storage.join(self._input, item.key)
+        try:
+            data = storage.read_bytes(uri, self._config)
+        except (FileNotFoundError, IsADirectoryError):
+            return Rejection(item.key, "fetch", "object_missing", "gone since it was listed")
+        except PermissionError as e:
+            return Rejection(item.key, "fetch", "unreadable", f"permission denied: {e}")
+        try:
+            image = self._settings.convert(data)
+        except ImageError as e:
+            return Rejection(item.key, "decode", e.code, str(e))
+        return image, len(data), hashlib.sha256(data).hexdigest()
+
+    def process(self, group, all_groups: list):
+        (split, bucket), items = group
+        name = self._name(split, bucket, all_groups)
+        started = time.monotonic()
+        stats = _Stats()
+        fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
+        os.close(fd)
+        options = self._tf.io.TFRecordOptions(compression_type=self._compression)
+        ordered = sorted(items)
+        with self._tf.io.TFRecordWriter(tmp, options) as writer:
+            for item, result in zip(
+                ordered, _in_order(self._pool, self._fetch_convert, ordered, 2 * self._gets)
+            ):
+                if isinstance(result, Rejection):
+                    yield pvalue.TaggedOutput(REJECTED, count_rejection(result))
+                    continue
+                image, size, digest = result
+                writer.write(example_bytes(image, item.label, item.label_text, item.key, digest))
+                stats.add(item, image)
+                self._bytes_read.inc(size)
+        info = {"split": split, "file": name, "examples": stats.examples}
+        if stats.examples:
+            info.update(_file_digest(tmp))
+            storage.put_file(tmp, storage.join(self._output, name), self._config)
+            self._converted.inc(stats.examples)
+            self._bytes_written.inc(info["bytes"])
+            self._shards.inc()
+        else:
+            os.remove(tmp)  # every image was rejected: the manifest renumbers the rest
+        info["stats"] = {
+            "class_counts": dict(stats.class_counts),
+            "source_formats": dict(stats.source_formats),
+            "source_bytes": stats.source_bytes,
+            "height": stats.height,
+            "width": stats.width,
+        }
+        elapsed = time.monotonic() - started
+        print(
+            f"[convert] {name}: {stats.examples} images, {info.get('bytes', 0) / 1e6:.1f} MB"
+            f" in {elapsed:.1f} s ({stats.examples / max(elapsed, 1e-9):.0f} images/s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        yield info
+
+
+def _file_digest(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+class WriteShards(beam.PTransform):
+    """Converts and writes every shard group straight to its final name.
+
+    Args:
+        input_root: the listed root that the references' keys are relative to.
+        output_root: where the shards go (``s3://`` or local).
+        settings: image conversion settings.
+        compression: ``""`` or ``"GZIP"``.
+        max_concurrent_gets: GETs (and conversions) in flight per worker.
+        config: S3 client settings.
+
+    Returns:
+        A dict: ``"shards"`` (info dicts: split, file, examples, bytes, sha256, stats) and
+        ``"rejected"`` (``Rejection`` for images that could not be fetched or decoded).
+    """
+
+    def __init__(
+        self,
+        input_root: str,
+        output_root: str,
+        settings: ConvertSettings,
+        compression: str = "",
+        max_concurrent_gets: int = 16,
+        config: S3Config | None = None,
+    ) -> None:
+        super().__init__()
+        self._fn = _WriteShardFn(
+            input_root, output_root, settings, compression, max_concurrent_gets, config
+        )
+
+    def expand(self, groups):
+        # [(split, bucket)]: the non-empty shard groups, to number shards without gaps.
+        keys = groups | "GroupKeys" >> beam.Keys() | "AllGroupKeys" >> beam.combiners.ToList()
+        written = groups | "ConvertAndWrite" >> beam.ParDo(
+            self._fn, pvalue.AsSingleton(keys)
+        ).with_outputs(REJECTED, main="shards")
+        return {"shards": written.shards, "rejected": written[REJECTED]}
