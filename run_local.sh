@@ -3,7 +3,7 @@
 # unchanged), then:
 #   ./run_local.sh                 end-to-end demo on a local S3 server and sample images
 #   ./run_local.sh test [ARGS]     the test suite (pytest ARGS)
-#   ./run_local.sh JOB [ARGS]      a job on your own data: convert (more: --help)
+#   ./run_local.sh JOB [ARGS]      a job on your own data: convert, upload, analyze, inspect
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -36,7 +36,7 @@ cmd=${1:-demo}
 case "$cmd" in
   demo) exec "$VENV/bin/python" -m beam_jobs.demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest tests "$@" ;;
-  convert) exec "$VENV/bin/python" -m "beam_jobs.$cmd" "$@" ;;
+  convert|upload|analyze|inspect) exec "$VENV/bin/python" -m "beam_jobs.$cmd" "$@" ;;
   -h|--help|help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) echo "run_local.sh: unknown command '$cmd' (try: demo, test, convert, help)" >&2; exit 2 ;;
+  *) echo "run_local.sh: unknown command '$cmd' (try: demo, test, convert, upload, analyze, inspect, help)" >&2; exit 2 ;;
 esac
