@@ -1,0 +1,203 @@
+"""The reader's view of a converted dataset: ``dataset_info.json`` in, a validated dict out.
+
+In: a dataset URI (``s3://bucket/prefix`` or a local path). Out: the manifest written by the
+convert job (DESIGN.md, "Data contract"), checked before any shard is fetched: the schema and
+types, the format version, shard names that are plain ``<split>-NNNNN-of-NNNNN.tfrecord``
+file names (so no entry can point outside the dataset or the local cache), sha256 digests,
+and counts that add up. ``dataset_info.json`` is the commit marker of a complete dataset: a
+prefix without one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from transforms import storage
+from transforms.s3 import S3Config
+
+__all__ = [
+    "DATASET_INFO",
+    "FORMAT_VERSION",
+    "DatasetError",
+    "load_info",
+    "shard_uris",
+    "validate_info",
+]
+
+DATASET_INFO = "dataset_info.json"
+FORMAT_VERSION = 1
+# Same pattern as the writer's (transforms/tfrecords.py, which imports Beam, so not reused
+# here). Anchored with fullmatch: no separator, no "..", nothing before or after.
+SHARD_NAME_RE = re.compile(
+    r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord"
+)
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_COMPRESSIONS = ("", "GZIP", "ZLIB")
+_MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be read as it is; the message says what to do about it."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _require(condition: bool, uri: str, what: str) -> None:
+    if not condition:
+        raise DatasetError(
+            f"invalid {DATASET_INFO} under {uri}: {what}; rerun the convert job to rewrite it"
+        )
+
+
+def validate_info(info: Any, uri: str = "<dataset>") -> dict:
+    """Checks a parsed manifest against the data contract.
+
+    Args:
+        info: the parsed ``dataset_info.json``.
+        uri: the dataset URI, only for messages.
+
+    Returns:
+        ``info`` itself.
+
+    Raises:
+        DatasetError: naming the first field that is wrong.
+    """
+    _require(isinstance(info, dict), uri, "the top level is not a JSON object")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(
+            f"{DATASET_INFO} under {uri} has format_version {version!r}; this reader reads "
+            f"version {FORMAT_VERSION}: upgrade the reader or reconvert the dataset"
+        )
+    labels = info.get("labels")
+    _require(
+        isinstance(labels, list) and all(isinstance(x, str) and x for x in labels),
+        uri,
+        "'labels' must be a list of non-empty strings",
+    )
+    _require(len(set(labels)) == len(labels), uri, "'labels' has duplicates")
+    _require(
+        info.get("num_classes", len(labels)) == len(labels),
+        uri,
+        "'num_classes' differs from the number of labels",
+    )
+    _require(
+        info.get("compression", "") in _COMPRESSIONS,
+        uri,
+        f"'compression' must be one of {_COMPRESSIONS}",
+    )
+    splits = info.get("splits")
+    _require(isinstance(splits, dict), uri, "'splits' must be an object")
+    seen: set[str] = set()
+    for split, entry in splits.items():
+        where = f"splits[{split!r}]"
+        _require(
+            isinstance(split, str) and bool(_SPLIT_RE.fullmatch(split)),
+            uri,
+            f"split name {split!r} must be letters, digits and underscores",
+        )
+        _require(isinstance(entry, dict), uri, f"{where} must be an object")
+        shards = entry.get("shards")
+        _require(isinstance(shards, list), uri, f"{where}.shards must be a list")
+        for key in ("examples", "bytes", "num_shards"):
+            _require(_is_int(entry.get(key)), uri, f"{where}.{key} must be an int >= 0")
+        _require(
+            entry["num_shards"] == len(shards),
+            uri,
+            f"{where}.num_shards is {entry['num_shards']} but {len(shards)} shards are listed",
+        )
+        class_counts = entry.get("class_counts", {})
+        _require(
+            isinstance(class_counts, dict)
+            and all(k in labels and _is_int(v) for k, v in class_counts.items()),
+            uri,
+            f"{where}.class_counts must map labels to ints >= 0",
+        )
+        total = 0
+        for i, shard in enumerate(shards):
+            at = f"{where}.shards[{i}]"
+            _require(isinstance(shard, dict), uri, f"{at} must be an object")
+            name = shard.get("file")
+            match = SHARD_NAME_RE.fullmatch(name) if isinstance(name, str) else None
+            _require(
+                match is not None,
+                uri,
+                f"{at}.file {name!r} is not a plain '{split}-NNNNN-of-NNNNN.tfrecord' name",
+            )
+            _require(match["split"] == split, uri, f"{at}.file {name!r} is not of split {split}")
+            _require(
+                int(match["index"]) < int(match["count"]),
+                uri,
+                f"{at}.file {name!r} has an index beyond its count",
+            )
+            _require(name not in seen, uri, f"shard {name!r} is listed twice")
+            seen.add(name)
+            for key in ("examples", "bytes"):
+                _require(_is_int(shard.get(key)), uri, f"{at}.{key} must be an int >= 0")
+            digest = shard.get("sha256")
+            _require(
+                isinstance(digest, str) and bool(_SHA256_RE.fullmatch(digest)),
+                uri,
+                f"{at}.sha256 must be 64 lowercase hex digits",
+            )
+            total += shard["examples"]
+        _require(
+            total == entry["examples"],
+            uri,
+            f"{where}.examples is {entry['examples']} but its shards hold {total}",
+        )
+    return info
+
+
+def load_info(uri: str, config: S3Config | None = None) -> dict:
+    """Reads and validates ``<uri>/dataset_info.json``.
+
+    Args:
+        uri: the dataset prefix, ``s3://bucket/prefix`` or a local directory.
+        config: S3 client settings; ``None`` uses the standard AWS chain.
+
+    Returns:
+        The manifest dict (labels, counts, splits with their shards, ...).
+
+    Raises:
+        DatasetError: when there is no manifest (an unfinished conversion) or it is invalid.
+    """
+    path = storage.join(uri, DATASET_INFO)
+    try:
+        data = storage.read_bytes(path, config)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DatasetError(
+            f"no {DATASET_INFO} under {uri}: the convert job did not finish (or this is not "
+            "a converted dataset); rerun it, or point at the convert job's --output"
+        ) from None
+    except PermissionError as e:
+        raise DatasetError(f"cannot read {path}: {e}; check the credentials") from None
+    if len(data) > _MAX_MANIFEST_BYTES:
+        raise DatasetError(f"{path} is {len(data)} bytes: not a manifest")
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(
+            f"{path} is not valid JSON ({e}); rerun the convert job to rewrite it"
+        ) from None
+    return validate_info(info, uri)
+
+
+def shard_uris(info: dict, uri: str, split: str) -> list[tuple[str, dict]]:
+    """The shards of ``split`` as ``(shard URI, manifest entry)``, in manifest order.
+
+    Raises:
+        DatasetError: if the dataset has no such split.
+    """
+    splits = info["splits"]
+    if split not in splits:
+        raise DatasetError(
+            f"no split {split!r} in {uri}; it has {sorted(splits)}"
+            + (" (convert with --validation_fraction to get one)" if split != "train" else "")
+        )
+    return [(storage.join(uri, shard["file"]), shard) for shard in splits[split]["shards"]]
