@@ -10,6 +10,7 @@ real HTTP through the standard AWS chain: :func:`environment` gives the variable
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -44,6 +45,8 @@ class LocalS3:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port)
 
     def start(self) -> LocalS3:
+        # One log line per request would drown the tools' own output.
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self._server.start()
         return self
 

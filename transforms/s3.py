@@ -12,6 +12,7 @@ traps"). boto3's transfer manager aborts failed multipart uploads and retries pa
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -95,20 +96,30 @@ class S3Object:
     etag: str = ""
 
 
-_local = threading.local()
+# A client is rebuilt when any of these change (tests and the demo re-point the endpoint).
+_CHAIN_VARIABLES = (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+    "AWS_DEFAULT_REGION", "AWS_REGION",
+)  # fmt: skip
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
 
 
 def client(config: S3Config | None = None) -> Any:
-    """Returns a boto3 S3 client (cached per thread and config; clients are not shared).
+    """Returns a boto3 S3 client, one per process and config.
 
+    boto3 clients are thread-safe and costly to build (~0.1 s of CPU each), so every
+    thread of a process shares one, with a connection pool sized for many in flight.
     ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` and the rest of the AWS chain are honoured
     by boto3 itself when the config leaves them unset.
     """
     config = config or S3Config()
-    cache = getattr(_local, "clients", None)
-    if cache is None:
-        cache = _local.clients = {}
-    if config not in cache:
+    cache_key = (os.getpid(), config, tuple(os.environ.get(v) for v in _CHAIN_VARIABLES))
+    if cache_key in _clients:
+        return _clients[cache_key]
+    with _clients_lock:
+        if cache_key in _clients:
+            return _clients[cache_key]
         verify: Any = None
         if config.s3_verify is not None:
             verify = False if config.s3_verify.lower() in ("false", "0") else config.s3_verify
@@ -118,7 +129,7 @@ def client(config: S3Config | None = None) -> Any:
             aws_session_token=config.s3_session_token,
             region_name=config.s3_region_name,
         )
-        cache[config] = session.client(
+        _clients[cache_key] = session.client(
             "s3",
             endpoint_url=config.s3_endpoint_url,
             use_ssl=not config.s3_disable_ssl,
@@ -133,7 +144,7 @@ def client(config: S3Config | None = None) -> Any:
                 response_checksum_validation="when_required",
             ),
         )
-    return cache[config]
+    return _clients[cache_key]
 
 
 def is_s3(uri: str) -> bool:
