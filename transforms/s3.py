@@ -216,15 +216,21 @@ def put_bytes(
 
 
 def upload_file(
-    path: str, bucket: str, key: str, config: S3Config | None = None, **extra: Any
+    path: str,
+    bucket: str,
+    key: str,
+    config: S3Config | None = None,
+    multipart_threshold: int = MULTIPART_THRESHOLD,
+    **extra: Any,
 ) -> None:
-    """Uploads a local file; multipart above 64 MiB (aborted on failure, nothing orphaned).
+    """Uploads a local file; multipart above ``multipart_threshold`` (default 64 MiB; a
+    failed multipart upload is aborted, nothing orphaned).
 
     The object becomes visible atomically when the upload completes.
     """
     transfer = TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD,
-        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        multipart_threshold=multipart_threshold,
+        multipart_chunksize=max(min(MULTIPART_CHUNKSIZE, multipart_threshold), 5 * 1024 * 1024),
         max_concurrency=4,
     )
     client(config).upload_file(path, bucket, key, ExtraArgs=extra or None, Config=transfer)
