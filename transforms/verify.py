@@ -139,7 +139,7 @@ def _open(uri: str, config: S3Config | None) -> BinaryIO:
             if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
                 raise FileNotFoundError(f"{uri}: {code}") from None
             raise
-    return open(uri[len("file://") :] if uri.startswith("file://") else uri, "rb")
+    return open(uri.removeprefix("file://"), "rb")
 
 
 def _records(stream: BinaryIO, compression: str) -> Iterator[bytes]:
@@ -213,6 +213,8 @@ def _decode_image(data: bytes) -> tuple[int, int]:
 
 def _short(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
+    # Beam's framing errors append the record's bytes in hex: not for a person.
+    text = text.split(": b'")[0]
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
 
 
@@ -351,6 +353,6 @@ class VerifyShards(beam.PTransform):
             >> beam.ParDo(
                 _VerifyShardFn(
                     self._root, info["labels"], info.get("compression", ""), self._config
-                )  # fmt: skip
+                )
             )
         )

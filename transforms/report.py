@@ -1,0 +1,246 @@
+"""The inspect job's HTML report: a dataset's manifest, rejections and a sample of its shards
+in; one self-contained ``index.html`` out (every chart and image embedded as a base64 PNG,
+no script, no network), viewable offline.
+
+Sections: overview (splits, shards, bytes), a class-distribution bar chart per split, a
+contact sheet per class (decoded examples with their label and file name), the rejected
+inputs, and the image-size statistics.
+
+Contact-sheet examples come from the first shards in manifest order (train first); reading
+stops once every class has its samples or after ``MAX_SAMPLE_SHARDS`` shards, so a report
+on a large dataset reads a few shards, not the dataset.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import html
+import io
+import os
+from typing import Any
+
+from transforms import storage
+from transforms.s3 import S3Config
+from transforms.verify import iter_records, parse_example
+
+__all__ = ["MAX_SAMPLE_SHARDS", "REPORT_FILE", "sample_examples", "write_report"]
+
+REPORT_FILE = "index.html"
+MAX_SAMPLE_SHARDS = 8
+MAX_REJECTED_ROWS = 500
+_THUMB = 128
+_STYLE = """
+body{font-family:sans-serif;margin:24px;color:#222;max-width:1100px}
+h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:left;font-size:13px}th{background:#f0f0f0}td.n{text-align:right}
+img{max-width:100%}.muted{color:#777}
+"""
+
+
+def sample_examples(
+    root: str, info: dict, per_class: int, config: S3Config | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Up to ``per_class`` decoded examples per class, from the first shards.
+
+    Returns:
+        ``{class name: [{"image": PIL image, "label": int, "filename": str, "split": str}]}``
+    """
+    from PIL import Image
+
+    labels = info["labels"]
+    samples: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+    if per_class <= 0:
+        return samples
+    order = sorted(info["splits"], key=lambda s: (s != "train", s))
+    shards = [(s, e["file"]) for s in order for e in info["splits"][s]["shards"]]
+    for split, name in shards[:MAX_SAMPLE_SHARDS]:
+        try:
+            for record in iter_records(
+                storage.join(root, name), info.get("compression", ""), config
+            ):
+                features = parse_example(record)
+                text = features["image/class/text"].decode("utf-8", "replace")
+                if len(samples.get(text, [None] * per_class)) >= per_class:
+                    continue
+                image = Image.open(io.BytesIO(features["image/encoded"]))
+                image.load()
+                image.thumbnail((_THUMB, _THUMB))
+                samples[text].append(
+                    {
+                        "image": image,
+                        "label": features["image/class/label"],
+                        "filename": features["image/filename"].decode("utf-8", "replace"),
+                        "split": split,
+                    }
+                )
+                if all(len(v) >= per_class for v in samples.values()):
+                    return samples
+        except (OSError, ValueError):
+            continue  # a damaged shard: --verify names it; the sheet uses the others
+    return samples
+
+
+def _png(figure) -> str:
+    import matplotlib.pyplot as plt
+
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def _img(data: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _bar_chart(split: str, labels: list[str], counts: dict[str, int]) -> str:
+    import matplotlib.pyplot as plt
+
+    values = [counts.get(label, 0) for label in labels]
+    figure, axes = plt.subplots(figsize=(min(3 + 0.5 * len(labels), 14), 3.2))
+    bars = axes.bar(range(len(labels)), values, color="#4878cf")
+    axes.bar_label(bars, fontsize=8)
+    axes.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 8 else 0,
+                    ha="right" if len(labels) > 8 else "center")  # fmt: skip
+    axes.set_ylabel("examples")
+    axes.set_title(f"{split}: {sum(values)} examples, {len(labels)} classes")
+    return _png(figure)
+
+
+def _contact_sheet(label: str, index: int, examples: list[dict], columns: int = 4) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(examples) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(examples):
+            example = examples[i]
+            ax.imshow(example["image"], cmap="gray" if example["image"].mode == "L" else None)
+            ax.set_title(f"{label} ({example['label']})\n{os.path.basename(example['filename'])}",
+                         fontsize=8)  # fmt: skip
+    figure.suptitle(f"label {index}: {label}", fontsize=11)
+    return _png(figure)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        return f"<td{' class=n' if numeric else ''}>{html.escape(str(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
+    labels = info["labels"]
+    splits = info["splits"]
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8>",
+        f"<title>Dataset report: {html.escape(root)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>Dataset report: {html.escape(root)}</h1>",
+        "<h2 id=overview>Overview</h2>",
+        _table(
+            ["split", "examples", "shards", "MB"],
+            [
+                [s, e["examples"], e["num_shards"], round(e["bytes"] / 1e6, 2)]
+                for s, e in splits.items()
+            ],
+        ),
+    ]
+    counts = info.get("counts", {})
+    parts.append(
+        f"<p>{len(labels)} classes; listed {counts.get('listed', '?')}, converted "
+        f"{counts.get('converted', '?')}, rejected {counts.get('rejected', len(rejected))}. "
+        f"Source: {html.escape(str(info.get('source', {}).get('uri', '?')))}. Compression: "
+        f"{html.escape(info.get('compression') or 'none')}.</p>"
+    )
+    parts.append("<h2 id=classes>Class distribution</h2>")
+    parts.append(
+        _table(
+            ["label", "class", *splits],
+            [
+                [i, label, *(splits[s].get("class_counts", {}).get(label, 0) for s in splits)]
+                for i, label in enumerate(labels)
+            ],
+        )
+    )
+    for split, entry in splits.items():
+        chart = _bar_chart(split, labels, entry.get("class_counts", {}))
+        parts.append(f"<div class=chart>{_img(chart, f'class distribution of {split}')}</div>")
+    parts.append("<h2 id=samples>Examples per class</h2>")
+    for index, label in enumerate(labels):
+        examples = samples.get(label, [])
+        if examples:
+            sheet = _contact_sheet(label, index, examples)
+            parts.append(f"<div class=sheet>{_img(sheet, f'examples of {label}')}</div>")
+        else:
+            parts.append(f"<p class=muted>label {index}: {html.escape(label)}: no examples "
+                         "in the sampled shards</p>")  # fmt: skip
+    parts.append(f"<h2 id=rejected>Rejected inputs ({len(rejected)})</h2>")
+    if rejected:
+        by_code = collections.Counter(r.get("code", "?") for r in rejected)
+        parts.append(_table(["reason code", "inputs"], by_code.most_common()))
+        rows = [[r.get("key", ""), r.get("stage", ""), r.get("code", ""), r.get("reason", "")]
+                for r in rejected[:MAX_REJECTED_ROWS]]  # fmt: skip
+        parts.append(_table(["key", "stage", "code", "reason"], rows))
+        if len(rejected) > MAX_REJECTED_ROWS:
+            parts.append(f"<p class=muted>first {MAX_REJECTED_ROWS} of {len(rejected)}; "
+                         "all are in rejected.jsonl</p>")  # fmt: skip
+    else:
+        parts.append("<p>None: every listed input was converted.</p>")
+    parts.append("<h2 id=sizes>Image sizes</h2>")
+    stats = info.get("image_stats", {})
+    rows = [[axis.replace("_", " "), stats[axis]["min"], stats[axis]["mean"], stats[axis]["max"]]
+            for axis in ("source_width", "source_height") if axis in stats]  # fmt: skip
+    shapes = collections.Counter(
+        f"{e['image'].width}x{e['image'].height}" for v in samples.values() for e in v
+    )
+    parts.append(_table(["", "min", "mean", "max"], rows))
+    if stats.get("source_formats"):
+        parts.append(_table(["source format", "images"], list(stats["source_formats"].items())))
+    options = info.get("options", {})
+    parts.append(f"<p>Resize option: {html.escape(str(options.get('resize', '?')))}; "
+                 f"sampled thumbnails (max {_THUMB}px): "
+                 f"{html.escape(', '.join(f'{k} ×{v}' for k, v in shapes.most_common(5)))}"
+                 "</p>")  # fmt: skip
+    parts.append("<h2 id=options>Conversion options</h2>")
+    parts.append(_table(["option", "value"], [[k, str(v)] for k, v in options.items()]))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(
+    root: str,
+    info: dict,
+    rejected: list[dict],
+    out_dir: str,
+    samples_per_class: int = 8,
+    config: S3Config | None = None,
+) -> str:
+    """Writes ``out_dir/index.html`` for the dataset at ``root``.
+
+    Args:
+        root: the dataset prefix (``s3://`` or local).
+        info: its validated manifest.
+        rejected: the parsed lines of its ``rejected.jsonl``.
+        out_dir: a local directory (created if needed).
+        samples_per_class: decoded examples per class on the contact sheets.
+        config: S3 client settings.
+
+    Returns:
+        The path of the written page.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: render to PNG bytes only
+    samples = sample_examples(root, info, samples_per_class, config)
+    page = _render(root, info, rejected, samples)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, REPORT_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
