@@ -25,6 +25,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "s3tfr-convert=beam_jobs.convert:main",
+            "s3tfr-inspect=beam_jobs.inspect:main",
             "s3tfr-upload=beam_jobs.upload:main",
         ],
     },

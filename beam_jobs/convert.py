@@ -289,6 +289,7 @@ def print_summary(output: str, result, config: S3Config | None = None) -> None:
         r = json.loads(line)
         print(f"    rejected {r['key']}: {r['reason']}")
     print("  counters: " + ", ".join(f"{k}={v}" for k, v in counters(result, METRICS_NAMESPACE).items()))
+    print(f"  inspect it: ./run_local.sh inspect {output}  (--verify, --report DIR)")
 
 
 def main(argv: list[str] | None = None) -> None:

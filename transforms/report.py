@@ -105,6 +105,8 @@ def _bar_chart(split: str, labels: list[str], counts: dict[str, int]) -> str:
     axes.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 8 else 0,
                     ha="right" if len(labels) > 8 else "center")  # fmt: skip
     axes.set_ylabel("examples")
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.margins(y=0.12)  # room for the count above the tallest bar
     axes.set_title(f"{split}: {sum(values)} examples, {len(labels)} classes")
     return _png(figure)
 
