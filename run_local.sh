@@ -26,6 +26,16 @@ setup_venv() {
   echo "$want" >"$STAMP"
 }
 
+# The inspect report's render test needs a headless browser: Debian's chromium, installed
+# when we may (root with apt-get); otherwise that test skips and says why.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && return
+  [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1 || return 0
+  echo "run_local.sh: installing chromium for the report render test" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+    >/dev/null 2>&1 || echo "run_local.sh: chromium not installed; its test will skip" >&2
+}
+
 setup_venv
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # TensorFlow's start-up chatter hides the tools' own output.
@@ -35,7 +45,7 @@ cmd=${1:-demo}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   demo) exec "$VENV/bin/python" -m beam_jobs.demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest tests "$@" ;;
+  test) ensure_chromium; exec "$VENV/bin/python" -m pytest tests "$@" ;;
   convert|upload|analyze|inspect) exec "$VENV/bin/python" -m "beam_jobs.$cmd" "$@" ;;
   -h|--help|help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "run_local.sh: unknown command '$cmd' (try: demo, test, convert, upload, analyze, inspect, help)" >&2; exit 2 ;;
