@@ -113,6 +113,7 @@ class UploadSettings(NamedTuple):
     sse: str = ""
     sse_kms_key_id: str = ""
     storage_class: str = ""
+    run_id: str = ""  # progress restarts when it changes (several runs in one process)
 
     def extra_args(self) -> dict[str, str]:
         extra = {}
@@ -342,7 +343,7 @@ class Progress:
         self._lock = threading.Lock()
         self._interval = interval_s
         self._stream = stream
-        self.reset((0, 0))
+        self.reset("", (0, 0))
 
     @classmethod
     def shared(cls) -> Progress:
@@ -351,15 +352,16 @@ class Progress:
                 cls._instance = cls()
             return cls._instance
 
-    def reset(self, totals: tuple[int, int]) -> None:
+    def reset(self, run_id: str, totals: tuple[int, int]) -> None:
         with self._lock:
+            self.run_id = run_id
             self.totals = tuple(totals)
             self.files = self.bytes = 0
             self.started = self._last = time.monotonic()
 
-    def set_totals(self, totals: tuple[int, int]) -> None:
-        if tuple(totals) != self.totals:
-            self.reset(totals)
+    def set_totals(self, run_id: str, totals: tuple[int, int]) -> None:
+        if (run_id, tuple(totals)) != (self.run_id, self.totals):
+            self.reset(run_id, totals)
 
     def add(self, size: int) -> None:
         with self._lock:
@@ -454,7 +456,7 @@ class _UploadFn(beam.DoFn):
         self._retries = 0
 
     def process(self, item, totals: tuple[int, int]):
-        self._progress.set_totals(totals)
+        self._progress.set_totals(self._s.run_id, totals)
         self._pending.append(self._pool.submit(self._one, *item))
         window = 4 * self._s.concurrency
         while self._pending and (len(self._pending) >= window or self._pending[0].done()):
