@@ -1,0 +1,192 @@
+"""Upload benchmark: the upload job vs ``aws s3 cp --recursive`` vs a serial boto3 loop,
+and the server's saturated PUT rate, in one run on one generated tree.
+
+Every client talks to the same local S3 server (moto, its own process) through the
+project's proxy adding 50 ms per request, as real S3 does, so concurrency matters.
+Prints one table with ratios.
+
+    .venv/bin/python bench/upload.py [--small 2000] [--large 3] [--large_mb 20]
+
+awscli v1 pins botocore exactly, so it is installed (once) into its own virtual
+environment under ~/.cache/s3tfr-bench, never into the project's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from beam_jobs import local_s3, sample_data
+from transforms import s3
+from transforms.s3 import S3Config
+
+CACHE = os.path.expanduser("~/.cache/s3tfr-bench")
+AWSCLI_VENV = os.path.join(CACHE, "awscli-venv")
+LATENCY_MS = 50
+SATURATION_THREADS = 64
+# awscli's default multipart threshold; the job is given the same for a fair comparison.
+MULTIPART_MB = 8
+
+
+def _awscli() -> str:
+    aws = os.path.join(AWSCLI_VENV, "bin", "aws")
+    if not os.path.exists(aws):
+        print("installing awscli into", AWSCLI_VENV, file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", AWSCLI_VENV], check=True)
+        pip = os.path.join(AWSCLI_VENV, "bin", "pip")
+        subprocess.run([pip, "install", "--quiet", "awscli"], check=True)
+    return aws
+
+
+def _tree(root: str, small: int, large: int, large_mb: int) -> tuple[list[str], int]:
+    marker = os.path.join(root, f".complete-{small}-{large}-{large_mb}")
+    if not os.path.exists(marker):
+        subprocess.run(["rm", "-rf", root], check=True)
+        sample_data.write_photo_tree(root, small, classes=8, size=(320, 240))
+        rng = np.random.default_rng(1)
+        os.makedirs(os.path.join(root, "large"), exist_ok=True)
+        for i in range(large):
+            with open(os.path.join(root, "large", f"big_{i}.bin"), "wb") as f:
+                f.write(rng.bytes(large_mb * 1024 * 1024))
+        open(marker, "w").close()
+    files = []
+    for dirpath, _dirs, names in os.walk(root):
+        files += [os.path.join(dirpath, n) for n in names if not n.startswith(".")]
+    files.sort()
+    return files, sum(os.path.getsize(f) for f in files)
+
+
+def _start(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def _put_all(files, root, bucket, prefix, config, threads) -> float:
+    def put(path):
+        with open(path, "rb") as f:
+            data = f.read()
+        key = prefix + os.path.relpath(path, root)
+        s3.client(config).put_object(Bucket=bucket, Key=key, Body=data)
+
+    started = time.monotonic()
+    if threads == 1:
+        for path in files:
+            put(path)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(put, files))
+    return time.monotonic() - started
+
+
+def _timed(cmd: list[str], env: dict) -> float:
+    started = time.monotonic()
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-2000:]}")
+    return elapsed
+
+
+def _count(bucket: str, prefix: str, config: S3Config) -> int:
+    return sum(1 for _ in s3.iter_objects(bucket, prefix, config))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=2000, help="small JPEGs in the tree")
+    parser.add_argument("--large", type=int, default=3, help="large files in the tree")
+    parser.add_argument("--large_mb", type=int, default=20, help="size of each large file")
+    args = parser.parse_args()
+
+    aws = _awscli()
+    root = os.path.join(CACHE, "tree")
+    files, total_bytes = _tree(root, args.small, args.large, args.large_mb)
+    port = local_s3.free_port()
+    env = {**os.environ, **local_s3.environment(f"http://127.0.0.1:{port}")}
+    env.pop("AWS_ENDPOINT_URL", None)
+    os.environ.update(env)
+    bin_dir = os.path.dirname(sys.executable)
+    server = subprocess.Popen(
+        [os.path.join(bin_dir, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proxy, proxy_url = _start(
+        [sys.executable, "-m", "beam_jobs.s3proxy", env["AWS_ENDPOINT_URL_S3"],
+         "--latency_ms", str(LATENCY_MS)],
+        env,
+    )  # fmt: skip
+    try:
+        direct = S3Config(max_pool_connections=128)
+        via_proxy = S3Config(s3_endpoint_url=proxy_url, max_pool_connections=128)
+        for _ in range(100):
+            try:
+                s3.client(direct).create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                time.sleep(0.1)
+        n = len(files)
+        rows = []
+        t = _put_all(files, root, "bench", "saturated/", direct, SATURATION_THREADS)
+        rows.append((f"server saturated PUT rate (direct, {SATURATION_THREADS} threads)", t))
+        t = _put_all(files, root, "bench", "saturated-proxy/", via_proxy, 128)
+        rows.append(("saturated PUT rate through the 50 ms proxy (128 threads)", t))
+        job = [
+            sys.executable, "-m", "beam_jobs.upload", f"--source={root}", "--exclude=.*",
+            "--output=s3://bench/job/", f"--s3_endpoint_url={proxy_url}",
+            f"--multipart_threshold_mb={MULTIPART_MB}",
+            f"--report={os.path.join(CACHE, 'report.json')}",
+        ]  # fmt: skip
+        job_time = _timed(job, env)
+        rows.append(("upload job (DirectRunner, 32 in flight)", job_time))
+        rerun_time = _timed(job, env)
+        rows.append(("upload job, no-op rerun", rerun_time))
+        aws_cmd = [
+            aws, "s3", "cp", "--recursive", "--quiet", "--exclude", ".*", root,
+            "s3://bench/awscli/", "--endpoint-url", proxy_url,
+        ]  # fmt: skip
+        aws_time = _timed(aws_cmd, env)
+        rows.append(("aws s3 cp --recursive (awscli defaults)", aws_time))
+        t = _put_all(files, root, "bench", "serial/", via_proxy, 1)
+        rows.append(("serial boto3 put_object loop", t))
+        for prefix in ("saturated/", "saturated-proxy/", "job/", "awscli/", "serial/"):
+            got = _count("bench", prefix, direct)
+            if got != n:
+                sys.exit(f"{prefix}: {got} objects, expected {n}")
+    finally:
+        proxy.terminate()
+        server.terminate()
+
+    saturated = rows[0][1]
+    print(
+        f"\n{n:,} files ({args.small:,} JPEGs of ~{(total_bytes - args.large * args.large_mb * 2**20) / max(args.small, 1) / 1024:.0f} KiB"
+        f" + {args.large} x {args.large_mb} MiB), {total_bytes / 1e6:,.1f} MB; "
+        f"proxy latency {LATENCY_MS} ms; {os.cpu_count()} CPUs\n"
+    )
+    print(f"| {'client':<58} | {'seconds':>8} | {'files/s':>8} | {'MB/s':>6} | vs job |")
+    print(f"|{'-' * 60}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|-------:|")
+    for name, seconds in rows:
+        files_per_s = n / seconds if "rerun" not in name else float("nan")
+        mb_s = total_bytes / 1e6 / seconds if "rerun" not in name else float("nan")
+        print(
+            f"| {name:<58} | {seconds:8.1f} | {files_per_s:8.0f} | {mb_s:6.1f} | "
+            f"{seconds / job_time:5.2f}x |"
+        )
+    print(
+        f"\njob rate / saturated rate: {saturated / job_time:.0%} (target >= 80%)\n"
+        f"job speed-up over awscli: {aws_time / job_time:.2f}x (target >= 1.5x)\n"
+        f"job speed-up over serial loop: {rows[-1][1] / job_time:.1f}x (target >= 10x)\n"
+        f"no-op rerun / first upload: {rerun_time / job_time:.0%} (target <= 10%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
