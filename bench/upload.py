@@ -88,7 +88,7 @@ def _put_all(files, root, bucket, prefix, config, threads) -> float:
 
 def _timed(cmd: list[str], env: dict) -> float:
     started = time.monotonic()
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
     elapsed = time.monotonic() - started
     if result.returncode != 0:
         sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-2000:]}")
