@@ -173,9 +173,9 @@ def _truncate(path: str) -> None:
 @pytest.mark.parametrize(
     ("damage", "expected"),
     [
-        (_flip, "sha256 differs"),
-        (os.remove, "missing"),
-        (_truncate, "size"),
+        (_flip, "sha256 differs from the manifest"),
+        (os.remove, "missing: no such file"),
+        (_truncate, "bytes, manifest says"),
     ],
 )
 def test_verify_fails_naming_the_damaged_shard(copy, capsys, damage, expected):
@@ -184,7 +184,8 @@ def test_verify_fails_naming_the_damaged_shard(copy, capsys, damage, expected):
     code, output = _inspect([copy, "--verify"], capsys)
     assert code == 1, output
     lines = _shard_lines(output)
-    assert lines.pop(victim).startswith("FAIL") and expected in output
+    failed = lines.pop(victim)
+    assert failed.startswith(f"FAIL {victim}: ") and expected in failed, failed
     assert lines and all(line.startswith("PASS") for line in lines.values())
 
 
