@@ -20,9 +20,14 @@ setup_venv() {
   fi
   echo "run_local.sh: installing dependencies into $VENV (first run takes a few minutes)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip wheel setuptools
-  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
-  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+  local log="$VENV/install.log"
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip wheel setuptools &&
+         "$VENV/bin/python" -m pip install -r requirements.txt &&
+         "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e .; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "run_local.sh: installing dependencies failed (full log: $log)" >&2
+    exit 1
+  fi
   echo "$want" >"$STAMP"
 }
 
