@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 
 import apache_beam as beam
@@ -23,6 +24,7 @@ from beam_jobs.common import UserError, cli_main, counters, pipeline_options, s3
 from tfdata_reader import DatasetError, load_info
 from transforms import storage
 from transforms.s3 import S3Config
+from transforms.tfrecords import SHARD_NAME_PATTERN
 from transforms.verify import METRICS_NAMESPACE, VerifyShards, check_splits, shard_tasks
 
 __all__ = ["InspectOptions", "main", "read_rejected", "run", "summary"]
@@ -84,6 +86,13 @@ def read_rejected(root: str, config: S3Config | None = None) -> list[dict]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def _unlisted_shards(root: str, info: dict, config: S3Config | None) -> list[str]:
+    """Shard-named files the manifest does not list (say, of an interrupted rerun)."""
+    listed = {entry["file"] for _split, entry in shard_tasks(info)}
+    names = storage.list_files(root, config)
+    return sorted(n for n in names if re.fullmatch(SHARD_NAME_PATTERN, n) and n not in listed)
 
 
 def summary(root: str, info: dict, rejected: list[dict], top: int = DEFAULT_TOP_REJECTED) -> str:
@@ -175,6 +184,10 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult | N
         raise UserError(str(e)) from None
     rejected = read_rejected(opts.dataset, config)
     print(summary(opts.dataset, info, rejected, opts.top_rejected), flush=True)
+    stray = _unlisted_shards(opts.dataset, info, config)
+    if stray:
+        print(f"  note: {len(stray)} shard files not in the manifest (readers ignore them): "
+              + ", ".join(stray[:5]) + (" …" if len(stray) > 5 else ""))  # fmt: skip
     if opts.report:
         from transforms.report import write_report
 

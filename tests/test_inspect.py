@@ -86,6 +86,15 @@ def test_summary_shows_classes_counts_and_rejections(dataset, capsys):
         assert " ".join(f"{c:>10}" for c in counts) in output
     assert "truncated: 1" in output and f"{CLASSES[-1]}/broken.jpg" in output
     assert "resize=crop:48x48" in output and "listed 19, converted 18, rejected 1" in output
+    assert "not in the manifest" not in output
+
+
+def test_summary_notes_unlisted_shards(copy, capsys):
+    shutil.copy(os.path.join(copy, "train-00000-of-00002.tfrecord"),
+                os.path.join(copy, "train-00000-of-00003.tfrecord"))  # fmt: skip
+    code, output = _inspect([copy], capsys)
+    assert code == 0
+    assert "1 shard files not in the manifest (readers ignore them): train-00000-of-00003" in output
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):

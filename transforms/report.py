@@ -32,7 +32,7 @@ MAX_REJECTED_ROWS = 500
 _THUMB = 128
 _STYLE = """
 body{font-family:sans-serif;margin:24px;color:#222;max-width:1100px}
-h1{font-size:22px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px}
+h1{font-size:22px}h3{font-size:15px;margin:14px 0 2px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;
 text-align:left;font-size:13px}th{background:#f0f0f0}td.n{text-align:right}
 img{max-width:100%}.muted{color:#777}
@@ -66,10 +66,12 @@ def sample_examples(
                     continue
                 image = Image.open(io.BytesIO(features["image/encoded"]))
                 image.load()
+                size = image.size
                 image.thumbnail((_THUMB, _THUMB))
                 samples[text].append(
                     {
                         "image": image,
+                        "size": size,
                         "label": features["image/class/label"],
                         "filename": features["image/filename"].decode("utf-8", "replace"),
                         "split": split,
@@ -111,7 +113,7 @@ def _bar_chart(split: str, labels: list[str], counts: dict[str, int]) -> str:
     return _png(figure)
 
 
-def _contact_sheet(label: str, index: int, examples: list[dict], columns: int = 4) -> str:
+def _contact_sheet(label: str, examples: list[dict], columns: int = 4) -> str:
     import matplotlib.pyplot as plt
 
     rows = max(1, -(-len(examples) // columns))
@@ -123,7 +125,6 @@ def _contact_sheet(label: str, index: int, examples: list[dict], columns: int = 
             ax.imshow(example["image"], cmap="gray" if example["image"].mode == "L" else None)
             ax.set_title(f"{label} ({example['label']})\n{os.path.basename(example['filename'])}",
                          fontsize=8)  # fmt: skip
-    figure.suptitle(f"label {index}: {label}", fontsize=11)
     return _png(figure)
 
 
@@ -177,7 +178,8 @@ def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
     for index, label in enumerate(labels):
         examples = samples.get(label, [])
         if examples:
-            sheet = _contact_sheet(label, index, examples)
+            sheet = _contact_sheet(label, examples)
+            parts.append(f"<h3>label {index}: {html.escape(label)}</h3>")
             parts.append(f"<div class=sheet>{_img(sheet, f'examples of {label}')}</div>")
         else:
             parts.append(f"<p class=muted>label {index}: {html.escape(label)}: no examples "
@@ -199,14 +201,14 @@ def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
     rows = [[axis.replace("_", " "), stats[axis]["min"], stats[axis]["mean"], stats[axis]["max"]]
             for axis in ("source_width", "source_height") if axis in stats]  # fmt: skip
     shapes = collections.Counter(
-        f"{e['image'].width}x{e['image'].height}" for v in samples.values() for e in v
+        f"{e['size'][0]}x{e['size'][1]}" for v in samples.values() for e in v
     )
     parts.append(_table(["", "min", "mean", "max"], rows))
     if stats.get("source_formats"):
         parts.append(_table(["source format", "images"], list(stats["source_formats"].items())))
     options = info.get("options", {})
     parts.append(f"<p>Resize option: {html.escape(str(options.get('resize', '?')))}; "
-                 f"sampled thumbnails (max {_THUMB}px): "
+                 "stored sizes of the sampled images: "
                  f"{html.escape(', '.join(f'{k} ×{v}' for k, v in shapes.most_common(5)))}"
                  "</p>")  # fmt: skip
     parts.append("<h2 id=options>Conversion options</h2>")
