@@ -35,7 +35,7 @@ DEFAULT_PART_BYTES = 8 * 1024 * 1024
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 4 * 1024 * 1024
 # Files scheduled this recently are never evicted: a reader is about to open them.
-_PROTECT_RECENT = 64
+DEFAULT_KEEP_RECENT = 64
 _VERIFY_MODES = ("sha256", "size", "none")
 
 
@@ -74,6 +74,9 @@ class ShardCache:
         part_bytes: shards above this are fetched with concurrent ranged GETs.
         verify: ``"sha256"`` (default), ``"size"`` or ``"none"``.
         config: S3 client settings; ``None`` uses the standard AWS chain.
+        keep_recent: this many most recently scheduled shards are never evicted.
+
+    Shards handed out by :meth:`get` stay pinned (never evicted) until :meth:`release`.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ShardCache:
         part_bytes: int = DEFAULT_PART_BYTES,
         verify: str = "sha256",
         config: S3Config | None = None,
+        keep_recent: int = DEFAULT_KEEP_RECENT,
     ) -> None:
         if verify not in _VERIFY_MODES:
             raise ValueError(f"verify must be one of {_VERIFY_MODES}, not {verify!r}")
@@ -101,7 +105,8 @@ class ShardCache:
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "shard-fetch")
         self._lock = threading.Lock()
         self._pending: dict[str, concurrent.futures.Future] = {}
-        self._recent: collections.deque[str] = collections.deque(maxlen=_PROTECT_RECENT)
+        self._recent: collections.deque[str] = collections.deque(maxlen=keep_recent)
+        self._pinned: collections.Counter[str] = collections.Counter()
         # Local (non-S3) shards verified in this process: (path, size, mtime) -> ok.
         self._verified_local: set[tuple[str, int, int]] = set()
         self.stats = collections.Counter()
@@ -151,12 +156,25 @@ class ShardCache:
                     with self._lock:
                         if self._pending.get(path) is future:
                             del self._pending[path]
-            try:
-                os.utime(path)  # marks it recently used for eviction
-                self.stats["hits" if future is None else "fetched"] += 1
-                return path
-            except FileNotFoundError:
-                continue  # evicted between fetch and use: fetch again
+            with self._lock:
+                try:
+                    os.utime(path)  # marks it recently used for eviction
+                except FileNotFoundError:
+                    continue  # evicted between fetch and use: fetch again
+                self._pinned[path] += 1
+            self.stats["hits" if future is None else "fetched"] += 1
+            return path
+
+    def release(self, uri: str, entry: dict) -> None:
+        """Unpins a shard returned by :meth:`get`: the reader is done with it."""
+        if not s3.is_s3(uri):
+            return
+        path = self.path_for(entry)
+        with self._lock:
+            self._pinned[path] -= 1
+            if self._pinned[path] <= 0:
+                del self._pinned[path]
+        self._evict(0)
 
     def _local(self, path: str, entry: dict) -> str:
         try:
@@ -214,26 +232,26 @@ class ShardCache:
         A reader that already opened a deleted file keeps reading it (POSIX semantics);
         one that has not is served by a new download in :meth:`get`.
         """
-        with self._lock:
-            protected = set(self._recent) | set(self._pending)
-        files = []
-        with os.scandir(self.cache_dir) as entries:
-            for item in entries:
-                if item.name.endswith(".tfrecord") and item.is_file():
-                    st = item.stat()
-                    files.append((st.st_mtime_ns, st.st_size, item.path))
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
-            if total + incoming <= self.max_bytes:
-                break
-            if path in protected:
-                continue
-            try:
-                os.remove(path)
-                total -= size
-                self.stats["evicted"] += 1
-            except FileNotFoundError:
-                pass
+        with self._lock:  # get() pins under this lock: nothing is pinned mid-eviction
+            protected = set(self._recent) | set(self._pending) | set(self._pinned)
+            files = []
+            with os.scandir(self.cache_dir) as entries:
+                for item in entries:
+                    if item.name.endswith(".tfrecord") and item.is_file():
+                        st = item.stat()
+                        files.append((st.st_mtime_ns, st.st_size, item.path))
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total + incoming <= self.max_bytes:
+                    break
+                if path in protected:
+                    continue
+                try:
+                    os.remove(path)
+                    total -= size
+                    self.stats["evicted"] += 1
+                except FileNotFoundError:
+                    pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

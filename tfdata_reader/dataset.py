@@ -220,6 +220,7 @@ def make_dataset(
 
     def _report(i, count):
         i, count = int(i), int(count)
+        cache.release(uris[i], entries[i])
         if count < expected[i]:
             with stats._lock:
                 stats.skipped[uris[i]] += expected[i] - count
@@ -258,10 +259,10 @@ def make_dataset(
         if by_record:
             records = records.shard(num_workers, worker_index)
         examples = records.enumerate().map(lambda j, rec: _record(j, rec, root))
-        if strict:
-            return examples
-        examples = examples.ignore_errors()
-        # A sentinel after the shard's last record reports how many were skipped.
+        if not strict:
+            examples = examples.ignore_errors()
+        # A sentinel after the shard's last record unpins its cache file and reports how
+        # many records were skipped.
         end = tf.data.Dataset.from_tensors(
             (tf.zeros([*image_size, 3], tf.uint8), tf.constant(-1, tf.int64))
         )

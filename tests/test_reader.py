@@ -1,0 +1,336 @@
+"""tfdata_reader against a converted sample dataset, locally and on the local S3 server."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfdata_reader
+from beam_jobs import convert, sample_data
+from tests.conftest import upload_tree
+from tfdata_reader import DatasetError, ShardCache, load_info, make_dataset
+from tfdata_reader.dataset import ReaderStats
+from transforms import s3
+from transforms.s3 import S3Config
+
+SIZE = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> str:
+    """One converted sample dataset (4 train shards), shared by the module's tests."""
+    root = tmp_path_factory.mktemp("reader")
+    src, out = str(root / "src"), str(root / "out")
+    sample_data.write_sample_tree(src, per_class=8)
+    convert.run(
+        [
+            "--input",
+            src,
+            "--output",
+            out,
+            "--resize",
+            "crop:48x48",
+            "--num_shards",
+            "4",
+            "--validation_fraction",
+            "0.25",
+        ]
+    )
+    return out
+
+
+@pytest.fixture
+def s3_dataset(converted, s3_bucket) -> str:
+    upload_tree(converted, s3_bucket, "ds/")
+    return f"s3://{s3_bucket}/ds"
+
+
+def _examples(ds) -> collections.Counter:
+    """Multiset of (image digest, label) over a dataset of uint8 batches."""
+    seen: collections.Counter = collections.Counter()
+    for images, labels in ds:
+        for image, label in zip(images.numpy(), labels.numpy()):
+            seen[(hashlib.sha256(image.tobytes()).hexdigest(), int(label))] += 1
+    return seen
+
+
+def _plain(uri, split="train", **kwargs):
+    """Unaugmented uint8 reading, so every example has one identity."""
+    kwargs.setdefault("training", False)
+    return make_dataset(
+        uri, split, batch_size=5, image_size=SIZE, dtype=tf.uint8, augment=False, **kwargs
+    )
+
+
+def test_load_info_validates_manifest(converted):
+    info = load_info(converted)
+    assert info["labels"] == ["bird", "cat", "dog"]
+    assert info["splits"]["train"]["num_shards"] == 4
+    for bad_name in (
+        "../train-00000-of-00004.tfrecord",
+        "/etc/train-00000-of-00004.tfrecord",
+        "train-00000-of-00004.tfrecord/..",
+        "validation-00000-of-00004.tfrecord",
+    ):
+        broken = copy.deepcopy(info)
+        broken["splits"]["train"]["shards"][0]["file"] = bad_name
+        with pytest.raises(DatasetError, match="file"):
+            tfdata_reader.validate_info(broken, "x")
+    broken = copy.deepcopy(info)
+    broken["splits"]["train"]["shards"][1]["sha256"] = "../../etc/passwd"
+    with pytest.raises(DatasetError, match="sha256"):
+        tfdata_reader.validate_info(broken, "x")
+    broken = copy.deepcopy(info)
+    broken["splits"]["train"]["shards"][1]["examples"] = -1
+    with pytest.raises(DatasetError, match="examples"):
+        tfdata_reader.validate_info(broken, "x")
+
+
+def test_incomplete_dataset_is_refused(converted, s3_bucket):
+    upload_tree(converted, s3_bucket, "ds/")
+    s3.client().delete_object(Bucket=s3_bucket, Key="ds/dataset_info.json")
+    with pytest.raises(DatasetError, match="no dataset_info.json under s3://.*convert job"):
+        make_dataset(f"s3://{s3_bucket}/ds")
+    with pytest.raises(DatasetError, match="no split 'test'"):
+        make_dataset(converted, "test")
+
+
+def test_cache_names_cannot_escape(tmp_path):
+    cache = ShardCache(str(tmp_path / "cache"))
+    good = {"sha256": "a" * 64, "file": "../../x", "bytes": 1}
+    path = cache.path_for(good)
+    assert os.path.dirname(path) == os.path.realpath(tmp_path / "cache")
+    assert os.path.basename(path) == "a" * 64 + ".tfrecord"
+    for digest in ("../../etc/passwd", "A" * 64, "a" * 63 + "/", None):
+        with pytest.raises(ValueError):
+            cache.path_for({"sha256": digest, "bytes": 1})
+
+
+def test_every_example_once_from_s3(converted, s3_dataset, tmp_path):
+    info = load_info(converted)
+    local = _examples(_plain(converted))
+    remote = _examples(_plain(s3_dataset, shuffle=True, seed=3, cache_dir=str(tmp_path)))
+    assert remote == local
+    assert sum(remote.values()) == info["splits"]["train"]["examples"]
+    by_label = collections.Counter()
+    for (_, label), n in remote.items():
+        by_label[info["labels"][label]] += n
+    assert by_label == info["splits"]["train"]["class_counts"]
+
+
+@pytest.mark.parametrize("split,workers", [("train", 2), ("train", 3), ("validation", 5)])
+def test_workers_see_each_example_once(converted, split, workers):
+    whole = _examples(_plain(converted, split))
+    parts = [
+        _examples(
+            _plain(converted, split, num_workers=workers, worker_index=w, shuffle=True, seed=w)
+        )
+        for w in range(workers)
+    ]
+    assert sum(parts, collections.Counter()) == whole
+    for a in range(workers):
+        for b in range(a + 1, workers):
+            assert not set(parts[a]) & set(parts[b])
+
+
+def test_input_context_shards_like_worker_index(converted):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1)
+    via_context = make_dataset(
+        converted,
+        batch_size=10,
+        image_size=SIZE,
+        training=False,
+        dtype=tf.uint8,
+        input_context=context,
+    )
+    assert _examples(via_context) == _examples(_plain(converted, num_workers=2, worker_index=1))
+
+
+def test_seeded_runs_are_identical(converted):
+    def run(seed):
+        ds = make_dataset(converted, batch_size=4, image_size=SIZE, training=True, seed=seed)
+        return [(x.numpy(), y.numpy()) for x, y in ds.take(3)]
+
+    first, second, other = run(11), run(11), run(12)
+    for (xa, ya), (xb, yb) in zip(first, second):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other))
+
+
+def test_checkpoint_resumes_mid_epoch(converted, tmp_path):
+    def dataset():
+        return make_dataset(
+            converted,
+            batch_size=3,
+            image_size=SIZE,
+            training=True,
+            seed=5,
+            dtype=tf.uint8,
+            augment=False,
+        )
+
+    def rest(iterator):
+        return [(x.numpy(), y.numpy()) for x, y in iterator]
+
+    iterator = iter(dataset())
+    head = [next(iterator) for _ in range(2)]
+    saved = tf.train.Checkpoint(iterator=iterator).save(str(tmp_path / "ckpt"))
+    tail = rest(iterator)
+    resumed = iter(dataset())
+    tf.train.Checkpoint(iterator=resumed).restore(saved).assert_consumed()
+    tail_again = rest(resumed)
+    assert len(tail) == len(tail_again) > 0
+    for (xa, ya), (xb, yb) in zip(tail, tail_again):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    # head + tail is one epoch: nothing repeated, nothing skipped (up to drop_remainder).
+    epoch = _examples((x, y) for x, y in head + [(tf.constant(a), tf.constant(b)) for a, b in tail])
+    whole = _examples(_plain(converted))
+    assert not (epoch - whole) and sum(epoch.values()) == len(head + tail) * 3
+    assert sum(whole.values()) - sum(epoch.values()) < 3
+
+
+def test_second_epoch_reads_from_cache(s3_dataset, s3_proxy, tmp_path):
+    proxy = s3_proxy()
+    cache = ShardCache(str(tmp_path / "cache"), config=S3Config(s3_endpoint_url=proxy.endpoint))
+    ds = _plain(s3_dataset, cache=cache, config=S3Config(s3_endpoint_url=proxy.endpoint))
+    first = _examples(ds)
+    after_first = proxy.requests
+    second = _examples(ds)
+    assert first == second
+    assert cache.stats["downloads"] == 4
+    assert proxy.requests == after_first, "the second epoch went to S3"
+    assert len(os.listdir(tmp_path / "cache")) == 4
+
+
+def test_cache_bound_evicts(s3_dataset, tmp_path):
+    shards = load_info(s3_dataset)["splits"]["train"]["shards"]
+    bound = max(s["bytes"] for s in shards)
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=bound, keep_recent=0)
+    got = _examples(_plain(s3_dataset, cache=cache))
+    assert sum(got.values()) == sum(s["examples"] for s in shards)
+    assert cache.stats["evicted"] >= len(shards) - 1
+    kept = [f.stat().st_size for f in (tmp_path / "cache").iterdir()]
+    assert sum(kept) <= bound
+
+
+def test_retries_injected_faults(converted, s3_dataset, s3_proxy, tmp_path):
+    faults = {"slowdown": 0.15, "internal_error": 0.1, "reset": 0.1, "truncate": 0.15}
+    proxy = s3_proxy(faults=faults, seed=4)
+    config = S3Config(s3_endpoint_url=proxy.endpoint)
+    cache = ShardCache(str(tmp_path / "cache"), config=config, part_bytes=16 * 1024)
+    ds = _plain(s3_dataset, "train", cache=cache, config=config)
+    assert _examples(ds) == _examples(_plain(converted))
+    assert sum(proxy.injected.values()) > 0 and proxy.injected["truncate"] > 0
+
+
+def test_missing_or_changed_shard_names_it(s3_dataset, tmp_path):
+    bucket = s3.parse(s3_dataset)[0]
+    key = "ds/train-00002-of-00004.tfrecord"
+    data = bytearray(s3.get_bytes(bucket, key))
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 can tell
+    s3.put_bytes(bucket, key, bytes(data))
+    ds = _plain(s3_dataset, cache_dir=str(tmp_path / "c1"))
+    with pytest.raises(tf.errors.OpError, match="train-00002-of-00004.*sha256"):
+        _examples(ds)
+    s3.client().delete_object(Bucket=bucket, Key=key)
+    with pytest.raises(DatasetError, match="train-00002-of-00004.tfrecord.*missing"):
+        _plain(s3_dataset, cache_dir=str(tmp_path / "c2"))
+
+
+def _with_bad_record(converted, tmp_path) -> tuple[str, str]:
+    """A copy of the dataset with one undecodable image added to a train shard."""
+    out = str(tmp_path / "bad")
+    shutil.copytree(converted, out)
+    info = load_info(out)
+    shard = info["splits"]["train"]["shards"][0]
+    path = os.path.join(out, shard["file"])
+    records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+    example = tf.train.Example()
+    example.ParseFromString(records[0])
+    example.features.feature["image/encoded"].bytes_list.value[0] = b"\xff\xd8not a jpeg"
+    records.insert(1, example.SerializeToString())
+    with tf.io.TFRecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    with open(path, "rb") as f:
+        data = f.read()
+    shard.update(examples=len(records), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    info["splits"]["train"]["examples"] += 1
+    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+        json.dump(info, f)
+    return out, path
+
+
+def test_bad_record_is_skipped_and_counted(converted, tmp_path, caplog):
+    out, shard_path = _with_bad_record(converted, tmp_path)
+    stats = ReaderStats()
+    with caplog.at_level(logging.WARNING, logger="tfdata_reader"):
+        got = _examples(_plain(out, stats=stats))
+    assert got == _examples(_plain(converted))
+    assert stats.skipped == {shard_path: 1}
+    assert any(os.path.basename(shard_path) in r.getMessage() for r in caplog.records)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _examples(_plain(out, strict=True))
+
+
+def test_from_images_matches_tree(tmp_path, s3_bucket):
+    src = str(tmp_path / "src")
+    sample_data.write_sample_tree(src, per_class=4)
+    upload_tree(src, s3_bucket, "raw/")
+    ds = tfdata_reader.make_dataset_from_images(
+        f"s3://{s3_bucket}/raw", batch_size=5, image_size=SIZE, concurrency=8
+    )
+    labels = collections.Counter()
+    for images, batch_labels in ds:
+        assert images.shape[1:] == (*SIZE, 3) and images.dtype == tf.float32
+        labels.update(batch_labels.numpy().tolist())
+    assert labels == {0: 4, 1: 4, 2: 4}  # the truncated JPEG was skipped
+
+
+def test_normalisation_one_hot_and_keras_fit(converted):
+    ds = make_dataset(
+        converted,
+        batch_size=4,
+        image_size=SIZE,
+        training=True,
+        seed=0,
+        one_hot=True,
+        normalize=([0.5, 0.5, 0.5], [0.25, 0.25, 0.25]),
+    )
+    images, labels = next(iter(ds))
+    assert labels.shape == (4, 3) and images.dtype == tf.float32
+    assert float(tf.reduce_min(images)) < 0 < float(tf.reduce_max(images))
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((*SIZE, 3)),
+            tf.keras.layers.Conv2D(4, 3, activation="relu"),
+            tf.keras.layers.GlobalAveragePooling2D(),
+            tf.keras.layers.Dense(3),
+        ]
+    )
+    model.compile("adam", tf.keras.losses.CategoricalCrossentropy(from_logits=True))
+    history = model.fit(ds, epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+
+
+def test_reader_imports_no_beam():
+    code = (
+        "import sys, tfdata_reader, tfdata_reader.dataset, tfdata_reader.images;"
+        "bad = [m for m in sys.modules if m.startswith('apache_beam')];"
+        "assert not bad, bad"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
