@@ -10,7 +10,9 @@ from __future__ import annotations
 from tfdata_reader.manifest import DatasetError, load_info, shard_uris, validate_info
 
 __all__ = [
+    "Augment",
     "DatasetError",
+    "ReaderStats",
     "ShardCache",
     "load_info",
     "make_dataset",
@@ -23,6 +25,8 @@ _LAZY = {
     "make_dataset": "tfdata_reader.dataset",
     "make_dataset_from_images": "tfdata_reader.images",
     "ShardCache": "tfdata_reader.cache",
+    "ReaderStats": "tfdata_reader.dataset",
+    "Augment": "tfdata_reader.ops",
 }
 
 
