@@ -36,7 +36,7 @@ DEFAULT_SPLIT_SALT = "s3-tfrecords"
 DEFAULT_RESIZE = "none"
 DEFAULT_JPEG_QUALITY = 90
 DEFAULT_SHARD_SIZE_MB = 128
-DEFAULT_MAX_CONCURRENT_GETS = 16
+DEFAULT_MAX_CONCURRENT_GETS = 32
 
 
 class ConvertOptions(PipelineOptions):
@@ -102,7 +102,7 @@ class ConvertOptions(PipelineOptions):
             "--max_concurrent_gets",
             type=int,
             default=DEFAULT_MAX_CONCURRENT_GETS,
-            help="image GETs and conversions in flight per worker",
+            help="image GETs in flight per worker (decoding runs one per core)",
         )
 
 

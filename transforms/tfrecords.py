@@ -1,8 +1,8 @@
 """WriteShards: shard groups of references in, one TFRecord file per shard out.
 
 One DoFn call per shard: it fetches the shard's images with many GETs in flight, converts
-them with :func:`transforms.images.convert_image` (Pillow releases the GIL, so the pool
-also spreads decoding over cores), and streams the records, in hash order, into a local
+them with :func:`transforms.images.convert_image` (Pillow releases the GIL, so one decode
+per core runs in parallel), and streams the records, in hash order, into a local
 file that is then moved to its final name in one atomic step. Memory per call is bounded
 by the in-flight window, not by the shard.
 """
@@ -12,14 +12,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gzip
 import hashlib
 import os
+import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
+import google_crc32c
 from apache_beam import pvalue
 
 from transforms import storage
@@ -30,7 +34,9 @@ from transforms.s3 import S3Config
 
 __all__ = [
     "ConvertSettings",
+    "TFRecordFile",
     "WriteShards",
+    "encode_example",
     "example_bytes",
     "shard_name",
     "SHARD_NAME_PATTERN",
@@ -64,32 +70,93 @@ class ConvertSettings:
         )
 
 
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # int64 wire format: negatives take ten bytes
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_example(features: dict[str, bytes | int]) -> bytes:
+    """Serializes a ``tf.train.Example`` of single bytes or int64 values.
+
+    Written by hand because importing TensorFlow in every worker costs seconds and
+    hundreds of MB; the output is byte-identical to TensorFlow's deterministic
+    serialization (map keys sorted), which a test checks.
+    """
+    entries = []
+    for key in sorted(features):
+        value = features[key]
+        if isinstance(value, bytes):
+            feature = _field(1, _field(1, value))  # Feature.bytes_list.value
+        else:
+            feature = _field(3, _field(1, _varint(value)))  # Feature.int64_list (packed)
+        entries.append(_field(1, _field(1, key.encode()) + _field(2, feature)))
+    return _field(1, b"".join(entries))  # Example.features.feature map
+
+
 def example_bytes(
     image: ConvertedImage, label: int, label_text: str, key: str, source_sha256: str
 ) -> bytes:
     """A serialized ``tf.train.Example`` with the keys of DESIGN.md, "Data contract"."""
-    import tensorflow as tf
+    return encode_example(
+        {
+            "image/encoded": image.encoded,
+            "image/format": image.format.encode(),
+            "image/height": image.height,
+            "image/width": image.width,
+            "image/channels": image.channels,
+            "image/class/label": label,
+            "image/class/text": label_text.encode(),
+            "image/filename": key.encode(),
+            "image/source_sha256": source_sha256.encode(),
+        }
+    )
 
-    def _bytes(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
-    def _int(value: int) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
-    feature = {
-        "image/encoded": _bytes(image.encoded),
-        "image/format": _bytes(image.format.encode()),
-        "image/height": _int(image.height),
-        "image/width": _int(image.width),
-        "image/channels": _int(image.channels),
-        "image/class/label": _int(label),
-        "image/class/text": _bytes(label_text.encode()),
-        "image/filename": _bytes(key.encode()),
-        "image/source_sha256": _bytes(source_sha256.encode()),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    # Map fields serialize in arbitrary order unless asked: byte-identical shards need this.
-    return example.SerializeToString(deterministic=True)
+
+class TFRecordFile:
+    """Writes TFRecord framing (length, masked CRC32C, data, masked CRC32C) to a file.
+
+    ``compression="GZIP"`` writes a standard gzip stream with a zero timestamp, so the
+    same records give the same bytes.
+    """
+
+    def __init__(self, path: str, compression: str = "") -> None:
+        self._raw = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._out = (
+            gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+            if compression == "GZIP"
+            else self._raw
+        )
+
+    def write(self, record: bytes) -> None:
+        length = struct.pack("<Q", len(record))
+        self._out.write(length + struct.pack("<I", _masked_crc(length)))
+        self._out.write(record + struct.pack("<I", _masked_crc(record)))
+
+    def close(self) -> None:
+        if self._out is not self._raw:
+            self._out.close()
+        self._raw.close()
+
+    def __enter__(self) -> TFRecordFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _in_order(
@@ -151,10 +218,10 @@ class _WriteShardFn(beam.DoFn):
         self._shards = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shards_written")
 
     def setup(self) -> None:
-        import tensorflow as tf
-
-        self._tf = tf
         self._pool = concurrent.futures.ThreadPoolExecutor(self._gets)
+        # Many GETs wait on the network at once, but only one decode per core runs, so
+        # memory holds at most ``cores`` decoded images whatever the GET concurrency.
+        self._decode_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     def teardown(self) -> None:
         self._pool.shutdown()
@@ -181,7 +248,8 @@ class _WriteShardFn(beam.DoFn):
         except PermissionError as e:
             return Rejection(item.key, "fetch", "unreadable", f"permission denied: {e}")
         try:
-            image = self._settings.convert(data)
+            with self._decode_slots:
+                image = self._settings.convert(data)
         except ImageError as e:
             return Rejection(item.key, "decode", e.code, str(e))
         return image, len(data), hashlib.sha256(data).hexdigest()
@@ -193,9 +261,8 @@ class _WriteShardFn(beam.DoFn):
         stats = _Stats()
         fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
         os.close(fd)
-        options = self._tf.io.TFRecordOptions(compression_type=self._compression)
         ordered = sorted(items)
-        with self._tf.io.TFRecordWriter(tmp, options) as writer:
+        with TFRecordFile(tmp, self._compression) as writer:
             for item, result in zip(
                 ordered, _in_order(self._pool, self._fetch_convert, ordered, 2 * self._gets)
             ):
@@ -248,7 +315,7 @@ class WriteShards(beam.PTransform):
         output_root: where the shards go (``s3://`` or local).
         settings: image conversion settings.
         compression: ``""`` or ``"GZIP"``.
-        max_concurrent_gets: GETs (and conversions) in flight per worker.
+        max_concurrent_gets: GETs in flight per worker (decodes: one per core).
         config: S3 client settings.
 
     Returns:
