@@ -20,6 +20,7 @@ import botocore.exceptions
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.common import UserError, cli_main, counters, pipeline_options, s3_config
+from tfdata_reader.manifest import load_info
 from transforms import s3, storage
 from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
 from transforms.listing import METRICS_NAMESPACE, ListImages
@@ -37,6 +38,7 @@ DEFAULT_RESIZE = "none"
 DEFAULT_JPEG_QUALITY = 90
 DEFAULT_SHARD_SIZE_MB = 128
 DEFAULT_MAX_CONCURRENT_GETS = 32
+DEFAULT_MIN_SHARDS = 8
 
 
 class ConvertOptions(PipelineOptions):
@@ -96,6 +98,13 @@ class ConvertOptions(PipelineOptions):
             "--num_shards", type=int, default=0, help="fixed shard count per split (0: by size)"
         )
         parser.add_argument(
+            "--min_shards",
+            type=int,
+            default=DEFAULT_MIN_SHARDS,
+            help="fewest shards per split (for parallel writing and reading) while each "
+            "holds at least 100 images",
+        )
+        parser.add_argument(
             "--compression", default="none", choices=("none", "gzip"), help="shard compression"
         )
         parser.add_argument(
@@ -113,7 +122,7 @@ def _validate(opts: ConvertOptions) -> None:
         raise UserError("--validation_fraction must be in [0, 1)")
     if not 1 <= opts.jpeg_quality <= 95:
         raise UserError("--jpeg_quality must be in 1..95")
-    for flag in ("max_pixels", "shard_size_mb", "max_concurrent_gets"):
+    for flag in ("max_pixels", "shard_size_mb", "max_concurrent_gets", "min_shards"):
         if getattr(opts, flag) <= 0:
             raise UserError(f"--{flag} must be positive")
     if opts.num_shards < 0:
@@ -189,7 +198,7 @@ def _options_record(opts: ConvertOptions) -> dict:
     names = (
         "validation_fraction", "split_from_dirs", "split_salt", "resize", "channels",
         "image_format", "jpeg_quality", "max_pixels", "shard_size_mb", "num_shards",
-        "compression",
+        "min_shards", "compression",
     )  # fmt: skip
     record = {name: getattr(opts, name) for name in names}
     record["resize"] = str(parse_resize(opts.resize))
@@ -248,6 +257,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
             estimate,
             int(opts.shard_size_mb * 1024 * 1024),
             opts.num_shards,
+            opts.min_shards,
         )
         written = assigned["groups"] | "WriteShards" >> WriteShards(
             opts.input,
@@ -270,7 +280,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
 
 def print_summary(output: str, result, config: S3Config | None = None) -> None:
     """Prints what a person asks after a run: classes, splits, shards, rejections."""
-    info = json.loads(storage.read_bytes(storage.join(output, DATASET_INFO), config))
+    info = load_info(output, config)
     counts = info["counts"]
     print(f"\nDataset written to {output}")
     print(f"  classes ({info['num_classes']}): {', '.join(info['labels'])}")

@@ -128,7 +128,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(payload)
 
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy  # noqa: N815
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
 
 
 class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SAMPLE_CLASSES", "encode", "photo_like", "write_sample_tree", "write_photo_tree"]
+__all__ = ["SAMPLE_CLASSES", "encode", "photo_like", "write_photo_tree", "write_sample_tree"]
 
 SAMPLE_CLASSES = ("bird", "cat", "dog")
 CORRUPT_NAME = "broken.jpg"

@@ -32,12 +32,12 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_jobs import local_s3  # noqa: E402
-from beam_jobs.s3proxy import S3Proxy  # noqa: E402
-from beam_jobs.sample_data import write_photo_tree  # noqa: E402
-from transforms import s3, storage  # noqa: E402
-from transforms.images import parse_resize  # noqa: E402
-from transforms.tfrecords import ConvertSettings  # noqa: E402
+from beam_jobs import local_s3
+from beam_jobs.s3proxy import S3Proxy
+from beam_jobs.sample_data import write_photo_tree
+from transforms import s3, storage
+from transforms.images import parse_resize
+from transforms.tfrecords import ConvertSettings
 
 BUCKET = "bench-convert"
 

@@ -12,11 +12,11 @@ import uuid
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import pytest
 
-from beam_jobs import local_s3  # noqa: E402
-from beam_jobs.s3proxy import S3Proxy  # noqa: E402
-from transforms import s3  # noqa: E402
+from beam_jobs import local_s3
+from beam_jobs.s3proxy import S3Proxy
+from transforms import s3
 
 
 @pytest.fixture(scope="session")

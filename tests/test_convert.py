@@ -141,6 +141,9 @@ def test_num_shards():
     assert num_shards(2, 300 * 2**20, 128 * 2**20) == 2  # never more shards than examples
     assert num_shards(1000, 1, 128 * 2**20) == 1
     assert num_shards(1000, 1, 128 * 2**20, fixed=7) == 7
+    assert num_shards(1000, 1, 128 * 2**20, min_shards=8) == 8
+    assert num_shards(350, 1, 128 * 2**20, min_shards=8) == 3  # >= 100 images each
+    assert num_shards(99, 1, 128 * 2**20, min_shards=8) == 1
 
 
 def _shard(split, file, examples, label="a"):

@@ -28,8 +28,8 @@ __all__ = [
 
 DATASET_INFO = "dataset_info.json"
 FORMAT_VERSION = 1
-# Same pattern as the writer's (transforms/tfrecords.py, which imports Beam, so not reused
-# here). Anchored with fullmatch: no separator, no "..", nothing before or after.
+# The one definition of shard names (the writer, transforms/tfrecords.py, uses it too).
+# Anchored with fullmatch: no separator, no "..", nothing before or after.
 SHARD_NAME_RE = re.compile(
     r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord"
 )

@@ -16,7 +16,7 @@ from transforms import storage
 from transforms.records import ImageRef, Rejection
 from transforms.s3 import S3Config
 
-__all__ = ["ListImages", "METRICS_NAMESPACE", "REJECTED", "count_rejection"]
+__all__ = ["METRICS_NAMESPACE", "REJECTED", "ListImages", "count_rejection"]
 
 METRICS_NAMESPACE = "convert"
 REJECTED = "rejected"

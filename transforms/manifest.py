@@ -15,6 +15,7 @@ import re
 import apache_beam as beam
 from apache_beam import pvalue
 
+from tfdata_reader.manifest import DATASET_INFO, FORMAT_VERSION
 from transforms import storage
 from transforms.records import Rejection
 from transforms.s3 import S3Config
@@ -30,10 +31,8 @@ __all__ = [
     "commit_dataset",
 ]
 
-DATASET_INFO = "dataset_info.json"
 LABELS = "labels.txt"
 REJECTED_FILE = "rejected.jsonl"
-FORMAT_VERSION = 1
 FEATURES = {
     "image/encoded": {"dtype": "string", "description": "encoded image (JPEG or PNG)"},
     "image/format": {"dtype": "string", "description": "jpeg or png"},

@@ -21,12 +21,24 @@ __all__ = ["AssignShards", "num_shards"]
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
-def num_shards(examples: int, estimated_bytes: int, shard_bytes: int, fixed: int = 0) -> int:
+# Shards are the unit of parallelism for the writer and for readers on many hosts, so a
+# split gets at least ``min_shards`` of them when each still holds this many images.
+MIN_EXAMPLES_PER_SHARD = 100
+
+
+def num_shards(
+    examples: int, estimated_bytes: int, shard_bytes: int, fixed: int = 0, min_shards: int = 1
+) -> int:
     """Shards for a split: ``fixed`` if given, else enough for ``shard_bytes`` each.
 
-    Never more shards than examples, so no shard is empty by construction of the count.
+    Without ``fixed``, at least ``min_shards`` while each keeps ``MIN_EXAMPLES_PER_SHARD``
+    images. Never more shards than examples.
     """
-    wanted = fixed or math.ceil(estimated_bytes / shard_bytes)
+    if fixed:
+        wanted = fixed
+    else:
+        by_size = math.ceil(estimated_bytes / shard_bytes)
+        wanted = max(by_size, min(min_shards, examples // MIN_EXAMPLES_PER_SHARD))
     return max(1, min(wanted, examples))
 
 
@@ -89,6 +101,7 @@ class AssignShards(beam.PTransform):
         estimate_bytes: source size -> estimated encoded size, to size shards.
         shard_bytes: target shard size.
         fixed_shards: a fixed shard count per split (0: from ``shard_bytes``).
+        min_shards: the fewest shards per split when it has enough images.
 
     Returns:
         A dict: ``"groups"`` (``((split, bucket), [ShardItem])``) and ``"rejected"``.
@@ -102,6 +115,7 @@ class AssignShards(beam.PTransform):
         estimate_bytes,
         shard_bytes: int,
         fixed_shards: int = 0,
+        min_shards: int = 1,
     ) -> None:
         super().__init__()
         self._labels = labels
@@ -110,12 +124,14 @@ class AssignShards(beam.PTransform):
         self._estimate = estimate_bytes
         self._shard_bytes = shard_bytes
         self._fixed = fixed_shards
+        self._min = min_shards
 
     def expand(self, refs):
         assigned = refs | "Assign" >> beam.ParDo(
             _AssignFn(self._fraction, self._salt), pvalue.AsSingleton(self._labels)
         ).with_outputs(REJECTED, main="items")
-        estimate, shard_bytes, fixed = self._estimate, self._shard_bytes, self._fixed
+        estimate, shard_bytes = self._estimate, self._shard_bytes
+        fixed, min_shards = self._fixed, self._min
         # (split, (examples, estimated bytes)) -> (split, shard count)
         shard_counts = (
             assigned.items
@@ -123,7 +139,9 @@ class AssignShards(beam.PTransform):
             | "SumSizes" >> beam.CombinePerKey(_add_pairs)
             | "ShardCounts"
             >> beam.MapTuple(
-                lambda split, s: (split, num_shards(s[0], s[1], shard_bytes, fixed))
+                lambda split, s: (
+                    split, num_shards(s[0], s[1], shard_bytes, fixed, min_shards)
+                )
             )
         )
         groups = (

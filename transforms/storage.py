@@ -46,7 +46,7 @@ def join(root: str, name: str) -> str:
 
 
 def _local(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+    return uri.removeprefix("file://")
 
 
 def _key_prefix(uri: str) -> tuple[str, str]:

@@ -26,6 +26,7 @@ import apache_beam as beam
 import google_crc32c
 from apache_beam import pvalue
 
+from tfdata_reader.manifest import SHARD_NAME_RE
 from transforms import storage
 from transforms.images import ConvertedImage, ImageError, Resize, convert_image
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
@@ -33,16 +34,17 @@ from transforms.records import Rejection, ShardItem
 from transforms.s3 import S3Config
 
 __all__ = [
+    "SHARD_NAME_PATTERN",
     "ConvertSettings",
     "TFRecordFile",
     "WriteShards",
     "encode_example",
     "example_bytes",
     "shard_name",
-    "SHARD_NAME_PATTERN",
 ]
 
-SHARD_NAME_PATTERN = r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord"
+# One definition of shard names for writer and reader: the reader's validator.
+SHARD_NAME_PATTERN = SHARD_NAME_RE.pattern
 
 
 def shard_name(split: str, index: int, count: int) -> str:
