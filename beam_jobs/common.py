@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
 
@@ -10,7 +11,14 @@ from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
 from transforms.s3 import S3Config
 
-__all__ = ["UserError", "cli_main", "counters", "pipeline_options", "s3_config"]
+__all__ = [
+    "UserError",
+    "add_shared_argument",
+    "cli_main",
+    "counters",
+    "pipeline_options",
+    "s3_config",
+]
 
 # Beam knows DaskRunner only by its module path.
 RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
@@ -18,6 +26,19 @@ RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner
 
 class UserError(Exception):
     """A problem with the user's input or setup: printed as one line, exit status 2."""
+
+
+def add_shared_argument(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """Adds a flag that more than one job's options class defines (``--output``, …).
+
+    Beam parses the flags of every imported PipelineOptions subclass with one parser, where
+    a second definition of the same flag would clash; each job's own view still parses it
+    with its own help and default.
+    """
+    try:
+        parser.add_argument(flag, **kwargs)
+    except argparse.ArgumentError:
+        pass  # another job's options class defined it in this shared parser
 
 
 def pipeline_options(argv: Sequence[str] | None) -> PipelineOptions:
@@ -40,9 +61,7 @@ def s3_config(options: PipelineOptions) -> S3Config:
 def counters(result, namespace: str) -> dict[str, int]:
     """The committed (or attempted) values of a job's counters, by name."""
     values = {}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))[
-        "counters"
-    ]:
+    for counter in result.metrics().query(MetricsFilter().with_namespace(namespace))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
         values[counter.key.metric.name] = values.get(counter.key.metric.name, 0) + value
     return dict(sorted(values.items()))

@@ -19,7 +19,14 @@ import apache_beam as beam
 import botocore.exceptions
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs.common import UserError, cli_main, counters, pipeline_options, s3_config
+from beam_jobs.common import (
+    UserError,
+    add_shared_argument,
+    cli_main,
+    counters,
+    pipeline_options,
+    s3_config,
+)
 from tfdata_reader.manifest import load_info
 from transforms import s3, storage
 from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
@@ -45,7 +52,9 @@ class ConvertOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
         parser.add_argument("--input", help="s3://bucket/prefix/ or a local dir of <class>/<file>")
-        parser.add_argument("--output", help="s3://bucket/prefix/ or a local dir for the dataset")
+        add_shared_argument(
+            parser, "--output", help="s3://bucket/prefix/ or a local dir for the dataset"
+        )
         parser.add_argument(
             "--labels_file",
             default=None,
@@ -79,9 +88,7 @@ class ConvertOptions(PipelineOptions):
         parser.add_argument(
             "--image_format", default="jpeg", choices=("jpeg", "png"), help="output encoding"
         )
-        parser.add_argument(
-            "--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY, help="1..95"
-        )
+        parser.add_argument("--jpeg_quality", type=int, default=DEFAULT_JPEG_QUALITY, help="1..95")
         parser.add_argument(
             "--max_pixels",
             type=int,
@@ -298,7 +305,10 @@ def print_summary(output: str, result, config: S3Config | None = None) -> None:
     for line in rejected.decode().splitlines()[:10]:
         r = json.loads(line)
         print(f"    rejected {r['key']}: {r['reason']}")
-    print("  counters: " + ", ".join(f"{k}={v}" for k, v in counters(result, METRICS_NAMESPACE).items()))
+    print(
+        "  counters: "
+        + ", ".join(f"{k}={v}" for k, v in counters(result, METRICS_NAMESPACE).items())
+    )
     print(f"  inspect it: ./run_local.sh inspect {output}  (--verify, --report DIR)")
 
 

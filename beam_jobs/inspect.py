@@ -20,7 +20,14 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs.common import UserError, cli_main, counters, pipeline_options, s3_config
+from beam_jobs.common import (
+    UserError,
+    add_shared_argument,
+    cli_main,
+    counters,
+    pipeline_options,
+    s3_config,
+)
 from tfdata_reader import DatasetError, load_info
 from transforms import storage
 from transforms.s3 import S3Config
@@ -47,8 +54,8 @@ class InspectOptions(PipelineOptions):
             action="store_true",
             help="re-read every shard: sha256, size, records, images, labels, counts",
         )
-        parser.add_argument(
-            "--report", default=None, help="write an HTML report (index.html) into this dir"
+        add_shared_argument(
+            parser, "--report", default=None, help="write an HTML report (index.html) into this dir"
         )
         parser.add_argument(
             "--samples_per_class",

@@ -23,7 +23,7 @@ import apache_beam as beam
 import botocore.exceptions
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
-from beam_jobs.common import UserError, cli_main, pipeline_options, s3_config
+from beam_jobs.common import UserError, add_shared_argument, cli_main, pipeline_options, s3_config
 from transforms import s3, storage
 from transforms.s3 import S3Config
 from transforms.upload import (
@@ -53,7 +53,7 @@ class UploadOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
         parser.add_argument("--source", help="local folder to upload (e.g. <class>/<file>)")
-        parser.add_argument("--output", help="s3://bucket/prefix/ that mirrors the folder")
+        add_shared_argument(parser, "--output", help="s3://bucket/prefix/ that mirrors the folder")
         parser.add_argument(
             "--include",
             action="append",
@@ -98,7 +98,8 @@ class UploadOptions(PipelineOptions):
         parser.add_argument("--sse", choices=SSE_CHOICES, help="server-side encryption")
         parser.add_argument("--sse_kms_key_id", help="KMS key for --sse aws:kms")
         parser.add_argument("--storage_class", choices=STORAGE_CLASSES, help="S3 storage class")
-        parser.add_argument(
+        add_shared_argument(
+            parser,
             "--report",
             default=DEFAULT_REPORT,
             help="where the JSON report goes (local path or s3:// URI)",

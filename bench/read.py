@@ -5,7 +5,7 @@ Rows (images/s over one full epoch, same batch size and image size):
   make_dataset from local files; a plain TFRecordDataset over the local shards (read only,
   no decode: the I/O limit); make_dataset_from_images, one GET per image through the proxy.
 
-    .venv/bin/python -m bench.reader --images 2000 --latency_ms 50
+    .venv/bin/python -m bench.read --images 2000 --latency_ms 50
 """
 
 from __future__ import annotations
