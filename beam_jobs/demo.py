@@ -22,16 +22,6 @@ BUCKET = "demo-images"
 DEFAULT_KEEP = "local_run/dataset"
 
 
-def _put_tree(root: str, bucket: str, prefix: str) -> int:
-    count = 0
-    for name, _size in storage.walk(root):
-        storage.write_bytes(
-            f"s3://{bucket}/{prefix}{name}", storage.read_bytes(storage.join(root, name))
-        )
-        count += 1
-    return count
-
-
 def _show_records(uri: str, count: int = 3) -> None:
     """Reads the first records of one shard with Beam's S3 filesystem and TF's parser."""
     import tensorflow as tf
@@ -65,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Local S3 server at {server.endpoint} (moto, stopped at the end)")
         counts = write_sample_tree(os.path.join(tmp, "images"), per_class=args.per_class)
         s3.client().create_bucket(Bucket=BUCKET)
-        uploaded = _put_tree(os.path.join(tmp, "images"), BUCKET, "images/")
+        uploaded = len(local_s3.put_tree(os.path.join(tmp, "images"), BUCKET, "images/"))
         print(
             f"Sample images: {sum(counts.values())} in {len(counts)} classes plus 1 corrupt "
             f"file, {uploaded} objects put in s3://{BUCKET}/images/"

@@ -9,6 +9,7 @@ real HTTP through the standard AWS chain: :func:`environment` gives the variable
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -17,7 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["LocalS3", "environment", "free_port", "running"]
+__all__ = ["LocalS3", "environment", "free_port", "put_tree", "running"]
 
 # moto accepts any credentials; these only have to exist so the AWS chain resolves.
 _DUMMY_ENV = {
@@ -73,6 +74,24 @@ def running(set_environ: bool = True) -> Iterator[LocalS3]:
             os.environ.clear()
             os.environ.update(saved)
         server.stop()
+
+
+def put_tree(root: str, bucket: str, prefix: str = "", threads: int = 32) -> list[str]:
+    """Copies a local tree to ``s3://bucket/prefix`` with plain PUTs, many in flight.
+
+    Set-up for the demo, tests and benchmarks (the upload job is the product's way).
+
+    Returns:
+        The keys written, sorted.
+    """
+    from transforms import s3, storage
+
+    def put(name: str) -> str:
+        s3.put_bytes(bucket, prefix + name, storage.read_bytes(storage.join(root, name)))
+        return prefix + name
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return sorted(pool.map(put, (name for name, _size in storage.walk(root))))
 
 
 def main() -> None:

@@ -128,17 +128,6 @@ def naive_baseline(endpoint: str, prefix: str, workers: int, size, out_path: str
     return time.perf_counter() - start
 
 
-def put_tree(root: str, prefix: str) -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    def put(entry):
-        name, _ = entry
-        s3.put_bytes(BUCKET, prefix + name, storage.read_bytes(storage.join(root, name)))
-
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(put, storage.walk(root)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="N (memory also at 4N)")
@@ -170,7 +159,7 @@ def main() -> None:
 
         with local_s3.running() as server:
             s3.client().create_bucket(Bucket=BUCKET)
-            put_tree(src, "images/")
+            local_s3.put_tree(src, BUCKET, "images/")
             with S3Proxy(server.endpoint, args.latency_ms / 1000) as proxy:
                 seconds, _ = run_job(
                     ["--input", f"s3://{BUCKET}/images/", "--output", f"s3://{BUCKET}/out/",

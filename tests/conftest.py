@@ -1,5 +1,5 @@
 """Shared fixtures: a real local S3 server (moto server mode on 127.0.0.1, started once per
-session), a fresh bucket per test, the network-conditions proxy, and generated trees.
+session), a fresh bucket per test and the network-conditions proxy.
 
 Everything reaches the server over real HTTP through the standard AWS chain
 (``AWS_ENDPOINT_URL_S3``), exactly as the product reaches AWS.
@@ -56,16 +56,3 @@ def s3_proxy(s3_server):
     yield _start
     for proxy in proxies:
         proxy.stop()
-
-
-def upload_tree(root: str, bucket: str, prefix: str = "") -> list[str]:
-    """Copies a local tree to ``s3://bucket/prefix`` with plain boto3 (test set-up only)."""
-    keys = []
-    for dirpath, _dirs, files in os.walk(root):
-        for name in sorted(files):
-            path = os.path.join(dirpath, name)
-            key = prefix + os.path.relpath(path, root).replace(os.sep, "/")
-            with open(path, "rb") as f:
-                s3.put_bytes(bucket, key, f.read())
-            keys.append(key)
-    return keys

@@ -18,8 +18,8 @@ from PIL import Image
 
 from beam_jobs import convert
 from beam_jobs.common import UserError, counters
+from beam_jobs.local_s3 import put_tree
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
-from tests.conftest import upload_tree
 from transforms import storage
 from transforms.listing import ListImages
 from transforms.manifest import AccountingError, commit_dataset
@@ -188,7 +188,7 @@ def test_commit_refuses_when_an_input_is_unaccounted(tmp_path):
 def test_convert_on_local_s3_end_to_end(s3_bucket, tmp_path):
     src = tmp_path / "src"
     good = _odd_tree(src)
-    upload_tree(str(src), s3_bucket, "images/")
+    put_tree(str(src), s3_bucket, "images/")
     out = f"s3://{s3_bucket}/out/"
     result = convert.run(
         ["--input", f"s3://{s3_bucket}/images/", "--output", out, "--num_shards", "2",

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from beam_jobs import convert, inspect, sample_data
-from tests.conftest import upload_tree
+from beam_jobs.local_s3 import put_tree
 
 CLASSES = ("ant", "bee", "wasp")
 PER_CLASS = 6
@@ -214,7 +214,7 @@ def test_verify_fails_when_class_counts_differ(copy, capsys):
 def test_verify_on_s3_gzip(tmp_path_factory, s3_bucket, capsys):
     local = _convert(tmp_path_factory, "--compression", "gzip")
     assert _info(local)["compression"] == "GZIP"
-    upload_tree(local, s3_bucket, "ds/")
+    put_tree(local, s3_bucket, "ds/")
     uri = f"s3://{s3_bucket}/ds"
     code, output = _inspect([uri, "--verify"], capsys)
     assert code == 0, output
@@ -222,7 +222,7 @@ def test_verify_on_s3_gzip(tmp_path_factory, s3_bucket, capsys):
 
     victim = "validation-00000-of-00002.tfrecord"
     _flip(os.path.join(local, victim))
-    upload_tree(local, s3_bucket, "ds/")
+    put_tree(local, s3_bucket, "ds/")
     code, output = _inspect([uri, "--verify"], capsys)
     assert code == 1
     assert _shard_lines(output)[victim].startswith(f"FAIL {victim}")

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import tfdata_reader
 from beam_jobs import convert, sample_data
-from tests.conftest import upload_tree
+from beam_jobs.local_s3 import put_tree
 from tfdata_reader import DatasetError, ShardCache, load_info, make_dataset
 from tfdata_reader.dataset import ReaderStats
 from transforms import s3
@@ -52,7 +52,7 @@ def converted(tmp_path_factory) -> str:
 
 @pytest.fixture
 def s3_dataset(converted, s3_bucket) -> str:
-    upload_tree(converted, s3_bucket, "ds/")
+    put_tree(converted, s3_bucket, "ds/")
     return f"s3://{s3_bucket}/ds"
 
 
@@ -98,7 +98,7 @@ def test_load_info_validates_manifest(converted):
 
 
 def test_incomplete_dataset_is_refused(converted, s3_bucket):
-    upload_tree(converted, s3_bucket, "ds/")
+    put_tree(converted, s3_bucket, "ds/")
     s3.client().delete_object(Bucket=s3_bucket, Key="ds/dataset_info.json")
     with pytest.raises(DatasetError, match="no dataset_info.json under s3://.*convert job"):
         make_dataset(f"s3://{s3_bucket}/ds")
@@ -289,7 +289,7 @@ def test_bad_record_is_skipped_and_counted(converted, tmp_path, caplog):
 def test_from_images_matches_tree(tmp_path, s3_bucket):
     src = str(tmp_path / "src")
     sample_data.write_sample_tree(src, per_class=4)
-    upload_tree(src, s3_bucket, "raw/")
+    put_tree(src, s3_bucket, "raw/")
     ds = tfdata_reader.make_dataset_from_images(
         f"s3://{s3_bucket}/raw", batch_size=5, image_size=SIZE, concurrency=8
     )
