@@ -20,8 +20,14 @@ __all__ = [
     "s3_config",
 ]
 
-# Beam knows DaskRunner only by its module path.
-RUNNER_ALIASES = {"DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner"}
+# Beam knows DaskRunner only by its module path, and its own DaskRunner mixes a ParDo's
+# tagged outputs (every job has some) and reports no metrics: both names run the fixed
+# subclass in beam_jobs/dask_runner.py.
+DASK_RUNNER = "beam_jobs.dask_runner.DaskRunner"
+RUNNER_ALIASES = {
+    "DaskRunner": DASK_RUNNER,
+    "apache_beam.runners.dask.dask_runner.DaskRunner": DASK_RUNNER,
+}
 
 
 class UserError(Exception):
