@@ -1,0 +1,163 @@
+"""The analyze job: a converted dataset in; its tensorflow-transform output
+(``transform_fn/``, ``transformed_metadata/``) and, last, ``analysis.json`` out.
+
+    python -m beam_jobs.analyze --dataset s3://bucket/tfrecords/
+
+Any Beam runner option works alongside (``--runner``, ``--direct_num_workers``,
+``--s3_endpoint_url`` …). The convert job runs it after committing a dataset when given
+``--analyze``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_jobs.common import UserError, cli_main, pipeline_options, s3_config
+from tfdata_reader.manifest import DatasetError, load_info
+from tfdata_reader.ops import RESIZE_POLICIES
+from tfdata_reader.transform import ANALYSIS_FILE
+from transforms import storage
+from transforms.analyze import DEFAULT_RECORD_BATCH_SIZE, AnalyzeImages
+from transforms.images import parse_resize
+
+__all__ = ["AnalyzeOptions", "analyze", "main", "run"]
+
+DEFAULT_SPLIT = "train"
+DEFAULT_IMAGE_SIZE = (224, 224)
+DEFAULT_RESIZE = "crop"
+
+
+class AnalyzeOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        parser.add_argument(
+            "--dataset",
+            help="the convert job's --output (s3://bucket/prefix/ or a local dir)",
+        )
+        parser.add_argument(
+            "--split",
+            default=DEFAULT_SPLIT,
+            help="the split whose statistics are computed",
+        )
+        parser.add_argument(
+            "--image_size",
+            default=None,
+            help="HxW of the transform's normalised image output (default: the dataset's "
+            "fit/crop size, else 224x224)",
+        )
+        parser.add_argument(
+            "--image_resize",
+            default=DEFAULT_RESIZE,
+            choices=RESIZE_POLICIES,
+            help="how the transform sizes images to --image_size (the reader's policies)",
+        )
+        parser.add_argument(
+            "--record_batch_size",
+            type=int,
+            default=DEFAULT_RECORD_BATCH_SIZE,
+            help="records per Arrow record batch fed to tensorflow-transform",
+        )
+
+
+def _image_size(spec: str | None, info: dict) -> tuple[int, int]:
+    if spec:
+        try:
+            height, width = (int(v) for v in spec.lower().split("x"))
+        except ValueError:
+            raise UserError(
+                f"--image_size must be HxW, e.g. 224x224, not {spec!r}"
+            ) from None
+        if height <= 0 or width <= 0:
+            raise UserError("--image_size must be positive")
+        return height, width
+    resize = parse_resize(info.get("options", {}).get("resize", "none"))
+    if resize.mode in ("fit", "crop"):
+        return resize.height, resize.width
+    return DEFAULT_IMAGE_SIZE
+
+
+def analyze(
+    dataset: str,
+    options: PipelineOptions,
+    split: str = DEFAULT_SPLIT,
+    image_size: str | None = None,
+    image_resize: str = DEFAULT_RESIZE,
+    record_batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
+) -> beam.runners.runner.PipelineResult:
+    """Analyzes ``split`` of the dataset at ``dataset`` with ``options``' runner.
+
+    Raises:
+        UserError: no complete dataset there, no such split, an empty split, bad options.
+    """
+    config = s3_config(options)
+    try:
+        info = load_info(dataset, config)
+    except DatasetError as e:
+        raise UserError(str(e)) from None
+    if split not in info["splits"] or not info["splits"][split]["examples"]:
+        raise UserError(f"{dataset} has no {split!r} examples to analyze")
+    if record_batch_size <= 0:
+        raise UserError("--record_batch_size must be positive")
+    size = _image_size(image_size, info)
+    # The old analysis must not describe the new transform output while it is replaced.
+    storage.delete(storage.join(dataset, ANALYSIS_FILE), config)
+    print(
+        f"[analyze] {info['splits'][split]['examples']} {split} images of {dataset} …",
+        file=sys.stderr,
+        flush=True,
+    )
+    # TFT writes its SavedModels with tf.io, which needs a local (or TF-supported) path.
+    temp_dir = tempfile.mkdtemp(prefix="s3tfr-analyze-")
+    try:
+        with beam.Pipeline(options=options) as p:
+            _ = p | "AnalyzeImages" >> AnalyzeImages(
+                dataset,
+                info,
+                split,
+                size,
+                temp_dir,
+                config,
+                image_resize,
+                record_batch_size,
+            )
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return p.result
+
+
+def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
+    """Runs the analyze job; returns the finished pipeline's result.
+
+    Raises:
+        UserError: for dataset or option problems found before the pipeline starts.
+    """
+    options = pipeline_options(argv)
+    opts = options.view_as(AnalyzeOptions)
+    if not opts.dataset:
+        raise UserError("--dataset is required (the convert job's --output)")
+    return analyze(
+        opts.dataset,
+        options,
+        opts.split,
+        opts.image_size,
+        opts.image_resize,
+        opts.record_batch_size,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    def _job(args):
+        run(args)
+        opts = pipeline_options(args).view_as(AnalyzeOptions)
+        print(f"\nAnalysis written to {storage.join(opts.dataset, ANALYSIS_FILE)}")
+
+    cli_main("analyze", _job, argv)
+
+
+if __name__ == "__main__":
+    main()

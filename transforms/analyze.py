@@ -1,0 +1,455 @@
+"""AnalyzeImages: a converted dataset's shards in; ``OUT/transform_fn/``,
+``OUT/transformed_metadata/`` and, last, ``OUT/analysis.json`` out.
+
+tensorflow-transform computes, in one pass over the training split's records:
+
+- the label vocabulary (``tft.vocabulary``), which must agree with ``labels.txt``;
+- the per-channel pixel mean and standard deviation over every pixel of every image, as
+  exact int64 sums of per-image sums (images may differ in size), so the result does not
+  depend on batching or worker count;
+- class counts and inverse-frequency class weights.
+
+The records reach TFT as Arrow record batches (TFXIO's ``TFExampleRecord`` decoder), read
+shard by shard as streams: every analyzer is a combiner, so memory per worker is one
+record batch plus constants whatever the dataset size.
+
+The transform graph turns raw JPEG/PNG bytes into normalised ``image`` tensors of a fixed
+size (the reader's own decode and resize ops), the class text into its vocabulary index,
+and gives each example its class weight. ``analysis.json`` records the same statistics for
+readers (``tfdata_reader.transform``) and people, with the source image size statistics
+of ``dataset_info.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from tensorflow_transform.tf_metadata import schema_utils
+from tfx_bsl.public import tfxio
+
+from tfdata_reader import ops
+from tfdata_reader.transform import (
+    ANALYSIS_FILE,
+    ANALYSIS_FORMAT_VERSION,
+    CLASS_WEIGHT_KEY,
+    IMAGE_KEY,
+    LABEL_KEY,
+    LABEL_TEXT_KEY,
+    LABEL_VOCABULARY,
+    TRANSFORM_FN_DIR,
+    TRANSFORMED_IMAGE_KEY,
+    TRANSFORMED_LABEL_KEY,
+    TRANSFORMED_METADATA_DIR,
+    normalize_pixels,
+    split_fingerprint,
+)
+from transforms import storage
+from transforms.s3 import S3Config
+from transforms.verify import iter_records
+
+__all__ = [
+    "CLASS_COUNTS_KEY",
+    "CLASS_WEIGHTS_KEY",
+    "DEFAULT_RECORD_BATCH_SIZE",
+    "PIXEL_COUNT_KEY",
+    "PIXEL_MEAN_KEY",
+    "PIXEL_STD_KEY",
+    "RAW_FEATURE_SPEC",
+    "AnalyzeImages",
+    "ReadRecordBatches",
+    "make_preprocessing_fn",
+    "publish_analysis",
+    "raw_schema",
+]
+
+DEFAULT_RECORD_BATCH_SIZE = 128
+RAW_FEATURE_SPEC = {
+    IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+    LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+    LABEL_TEXT_KEY: tf.io.FixedLenFeature([], tf.string),
+}
+# Dataset-wide statistics, broadcast to every example (as tft_unit's own
+# assertAnalyzerOutputs does): the analyze job reads them back from the transform graph
+# into analysis.json, so the file holds exactly the constants the graph applies.
+PIXEL_MEAN_KEY = "stats/pixel_mean"
+PIXEL_STD_KEY = "stats/pixel_std"
+PIXEL_COUNT_KEY = "stats/pixels"
+CLASS_COUNTS_KEY = "stats/class_counts"
+CLASS_WEIGHTS_KEY = "stats/class_weights"
+# A channel with one value everywhere has std 0: dividing by this instead keeps the
+# normalised images finite.
+_MIN_STD = 1e-3
+
+
+def _pixel_moments(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Per image: channel sums and sums of squares of the decoded pixels, and pixel count.
+
+    int64 throughout, so the dataset totals are exact whatever the image sizes or the
+    order in which TFT combines batches.
+    """
+
+    def _one(data):
+        # channels=3 and no animation, as the reader decodes (tfdata_reader.ops.to_image).
+        pixels = tf.cast(
+            tf.io.decode_image(data, channels=3, expand_animations=False), tf.int64
+        )
+        shape = tf.shape(pixels, out_type=tf.int64)
+        return (
+            tf.reduce_sum(pixels, axis=[0, 1]),
+            tf.reduce_sum(pixels * pixels, axis=[0, 1]),
+            shape[0] * shape[1],
+        )
+
+    return tf.map_fn(
+        _one,
+        encoded,
+        fn_output_signature=(
+            tf.TensorSpec([3], tf.int64),
+            tf.TensorSpec([3], tf.int64),
+            tf.TensorSpec([], tf.int64),
+        ),
+    )
+
+
+def _mean_std(
+    sums: tf.Tensor, squares: tf.Tensor, count: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-channel mean and (population) standard deviation from exact totals."""
+    n = tf.cast(count, tf.float64)
+    mean = tf.cast(sums, tf.float64) / n
+    variance = tf.maximum(tf.cast(squares, tf.float64) / n - mean * mean, 0.0)
+    std = tf.maximum(tf.sqrt(variance), _MIN_STD)
+    return tf.cast(mean, tf.float32), tf.cast(std, tf.float32)
+
+
+def _broadcast(value: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+    return tf.broadcast_to(value, tf.concat([[batch], tf.shape(value)], axis=0))
+
+
+def make_preprocessing_fn(
+    labels: Sequence[str], image_size: Sequence[int], resize: str = "crop"
+) -> Callable[[dict], dict]:
+    """The dataset's ``preprocessing_fn``.
+
+    Args:
+        labels: the class names of ``labels.txt``, in order (``image/class/label`` indexes
+            them).
+        image_size: ``(height, width)`` of the transform's ``image`` output.
+        resize: the reader's resize policy for that output (``crop``, ``pad``,
+            ``stretch``).
+
+    Returns:
+        A TFT ``preprocessing_fn``: raw features (:data:`RAW_FEATURE_SPEC`) in; the raw
+        features plus ``image`` (float32, normalised), ``label``, ``class_weight`` and the
+        broadcast statistics (``stats/…``) out.
+    """
+    labels = list(labels)
+    num_classes = len(labels)
+    height, width = (int(v) for v in image_size)
+
+    def preprocessing_fn(inputs: dict) -> dict:
+        outputs = inputs.copy()
+        encoded = inputs[IMAGE_KEY]
+        batch = tf.shape(inputs[LABEL_KEY])[0]
+
+        sums, squares, pixels = _pixel_moments(encoded)
+        mean, std = _mean_std(
+            tft.sum(sums, reduce_instance_dims=False, name="pixel_sums"),
+            tft.sum(squares, reduce_instance_dims=False, name="pixel_squares"),
+            tft.sum(pixels, name="pixel_count"),
+        )
+        images = tf.map_fn(
+            lambda data: ops.to_image(data, (height, width), resize, None, None),
+            encoded,
+            fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
+        )
+        outputs[TRANSFORMED_IMAGE_KEY] = normalize_pixels(
+            tf.cast(images, tf.float32), mean, std
+        )
+
+        # TFT orders a vocabulary by frequency; reserving labels.txt's names keeps its
+        # indices equal to image/class/label. A class text outside labels.txt would be
+        # appended after them, which the analyze job reports as an error.
+        vocabulary = tft.vocabulary(
+            inputs[LABEL_TEXT_KEY],
+            vocab_filename=LABEL_VOCABULARY,
+            reserved_tokens=labels,
+        )
+        outputs[TRANSFORMED_LABEL_KEY] = tft.apply_vocabulary(
+            inputs[LABEL_TEXT_KEY], vocabulary
+        )
+
+        counts = tft.sum(
+            tf.one_hot(inputs[LABEL_KEY], num_classes, dtype=tf.int64),
+            reduce_instance_dims=False,
+            name="class_counts",
+        )
+        counts_f = tf.cast(counts, tf.float64)
+        # "balanced" weights: total / (classes * count); a class with no example gets 0.
+        weights = tf.cast(
+            tf.math.divide_no_nan(tf.reduce_sum(counts_f), num_classes * counts_f),
+            tf.float32,
+        )
+        outputs[CLASS_WEIGHT_KEY] = tf.gather(weights, inputs[LABEL_KEY])
+
+        outputs[PIXEL_MEAN_KEY] = _broadcast(mean, batch)
+        outputs[PIXEL_STD_KEY] = _broadcast(std, batch)
+        outputs[PIXEL_COUNT_KEY] = _broadcast(
+            tft.sum(pixels, name="pixel_total"), batch
+        )
+        outputs[CLASS_COUNTS_KEY] = _broadcast(counts, batch)
+        outputs[CLASS_WEIGHTS_KEY] = _broadcast(weights, batch)
+        return outputs
+
+    return preprocessing_fn
+
+
+def raw_schema():
+    """The raw features' ``tensorflow_metadata`` schema (for TFXIO and tft_unit)."""
+    return schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC)
+
+
+class ReadRecordBatches(beam.PTransform):
+    """Shard URIs in (at construction); Arrow record batches of the raw features out.
+
+    Each shard is streamed by one DoFn call (S3 or local, the project's S3 settings);
+    TFXIO's ``TFExampleRecord`` decodes batches of records into Arrow, keeping only the
+    features of :data:`RAW_FEATURE_SPEC`.
+
+    Args:
+        shard_uris: the shards to read.
+        compression: ``""``, ``"GZIP"`` or ``"ZLIB"``, as in the manifest.
+        config: S3 client settings.
+        batch_size: records per record batch.
+
+    Attributes:
+        tensor_adapter_config: what ``tft_beam.AnalyzeDataset`` needs beside the batches.
+    """
+
+    def __init__(
+        self,
+        shard_uris: Sequence[str],
+        compression: str = "",
+        config: S3Config | None = None,
+        batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
+    ) -> None:
+        super().__init__()
+        self._uris = list(shard_uris)
+        self._compression = compression
+        self._config = config
+        self._batch_size = batch_size
+        self._tfxio = tfxio.TFExampleRecord(
+            file_pattern=self._uris, validate=False, schema=raw_schema()
+        )
+        self.tensor_adapter_config = self._tfxio.TensorAdapterConfig()
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ShardUris" >> beam.Create(self._uris)
+            # one shard per DoFn call, spread over workers
+            | "SpreadShards" >> beam.Reshuffle()
+            | "ReadRecords"
+            >> beam.FlatMap(iter_records, self._compression, self._config)
+            # serialized tf.train.Example
+            | "ToRecordBatches" >> self._tfxio.RawRecordToRecordBatch(self._batch_size)
+        )
+
+
+def _upload_tree(local_root: str, output_root: str, folder: str, config) -> None:
+    """Replaces ``output_root/folder`` by the files of ``local_root/folder``."""
+    uploaded = set()
+    source = os.path.join(local_root, folder)
+    for dirpath, _dirs, files in os.walk(source):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), source).replace(
+                os.sep, "/"
+            )
+            storage.put_file(
+                os.path.join(dirpath, name),
+                storage.join(output_root, f"{folder}/{rel}"),
+                config,
+            )
+            uploaded.add(rel)
+    target = storage.join(output_root, folder)
+    for name, _size in storage.walk(target, config):
+        if name not in uploaded:  # left by an earlier analysis
+            storage.delete(storage.join(target, name), config)
+
+
+def _statistics(output_dir: str, labels: list[str]) -> dict:
+    """Reads the analyzer results back out of the transform graph."""
+    output = tft.TFTransformOutput(output_dir)
+    # The statistics are the same for every example: one made-up example gives them.
+    probe = {
+        IMAGE_KEY: tf.io.encode_png(tf.zeros([1, 1, 3], tf.uint8))[tf.newaxis],
+        LABEL_KEY: tf.constant([0], tf.int64),
+        LABEL_TEXT_KEY: tf.constant([labels[0]]),
+    }
+    stats = output.transform_raw_features(probe)
+
+    def first(key):
+        return stats[key].numpy()[0]
+
+    vocabulary = [v.decode() for v in output.vocabulary_by_name(LABEL_VOCABULARY)]
+    if vocabulary != labels:
+        extra = [v for v in vocabulary if v not in labels]
+        raise ValueError(
+            f"the records hold class names that labels.txt does not list: {extra[:10]}; "
+            "the dataset is inconsistent: reconvert it"
+        )
+    counts = first(CLASS_COUNTS_KEY)
+    weights = first(CLASS_WEIGHTS_KEY)
+    return {
+        "vocabulary": vocabulary,
+        # float32 values, written exactly (a float32 is exact as a JSON double).
+        "pixel_mean": [float(v) for v in first(PIXEL_MEAN_KEY)],
+        "pixel_std": [float(v) for v in first(PIXEL_STD_KEY)],
+        "pixels": int(first(PIXEL_COUNT_KEY)),
+        "class_counts": {label: int(counts[i]) for i, label in enumerate(labels)},
+        "class_weights": {label: float(weights[i]) for i, label in enumerate(labels)},
+    }
+
+
+def publish_analysis(
+    _unused,
+    staging: str,
+    output_root: str,
+    info: dict,
+    split: str,
+    image_size: Sequence[int],
+    resize: str,
+    config: S3Config | None,
+) -> dict:
+    """Moves the transform output to the dataset, then writes ``analysis.json`` last.
+
+    Raises:
+        ValueError: when the analyzed records disagree with the manifest (class names or
+            counts): nothing is published then.
+    """
+    labels = info["labels"]
+    stats = _statistics(staging, labels)
+    want = {
+        label: info["splits"][split]["class_counts"].get(label, 0) for label in labels
+    }
+    if stats["class_counts"] != want:
+        raise ValueError(
+            f"class counts of the {split} records {stats['class_counts']} differ from "
+            f"dataset_info.json {want}: the dataset is inconsistent: reconvert it"
+        )
+    for folder in (TRANSFORMED_METADATA_DIR, TRANSFORM_FN_DIR):
+        _upload_tree(staging, output_root, folder, config)
+    analysis = {
+        "format_version": ANALYSIS_FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "split": split,
+        "fingerprint": split_fingerprint(info, split),
+        "examples": info["splits"][split]["examples"],
+        "labels": labels,
+        "transform_fn": TRANSFORM_FN_DIR,
+        "image_size": [int(v) for v in image_size],
+        "resize": resize,
+        "pixel_scale": "0..255",
+        **{k: v for k, v in stats.items() if k != "vocabulary"},
+        "source_image_stats": info.get("image_stats", {}),
+    }
+    storage.write_bytes(
+        storage.join(output_root, ANALYSIS_FILE),
+        (json.dumps(analysis, indent=2, ensure_ascii=False) + "\n").encode(),
+        config,
+    )
+    print(
+        f"[analyze] {analysis['examples']} {split} images: pixel mean "
+        f"{np.round(analysis['pixel_mean'], 2).tolist()}, std "
+        f"{np.round(analysis['pixel_std'], 2).tolist()} (0..255)",
+        file=sys.stderr,
+        flush=True,
+    )
+    shutil.rmtree(staging, ignore_errors=True)
+    return analysis
+
+
+class AnalyzeImages(beam.PTransform):
+    """Analyzes one split of a converted dataset with tensorflow-transform.
+
+    Args:
+        dataset: the dataset prefix (``s3://`` or local); the output goes there too.
+        info: its validated manifest (``tfdata_reader.load_info``).
+        split: the split to analyze (``train``).
+        image_size: ``(height, width)`` of the transform's ``image`` output.
+        temp_dir: a local directory for TFT's temporary files.
+        config: S3 client settings.
+        resize: resize policy of the ``image`` output.
+        batch_size: records per Arrow record batch.
+
+    Returns:
+        A one-element PCollection with the analysis dict written to ``analysis.json``.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        info: dict,
+        split: str,
+        image_size: Sequence[int],
+        temp_dir: str,
+        config: S3Config | None = None,
+        resize: str = "crop",
+        batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
+    ) -> None:
+        super().__init__()
+        self._dataset = dataset
+        self._info = info
+        self._split = split
+        self._image_size = tuple(image_size)
+        self._temp_dir = temp_dir
+        self._config = config
+        self._resize = resize
+        self._batch_size = batch_size
+
+    def expand(self, pbegin):
+        shards = [
+            storage.join(self._dataset, s["file"])
+            for s in self._info["splits"][self._split]["shards"]
+        ]
+        read = ReadRecordBatches(
+            shards, self._info.get("compression", ""), self._config, self._batch_size
+        )
+        batches = pbegin | "ReadRecordBatches" >> read
+        preprocessing_fn = make_preprocessing_fn(
+            self._info["labels"], self._image_size, self._resize
+        )
+        with tft_beam.Context(temp_dir=os.path.join(self._temp_dir, "tft")):
+            transform_fn = (
+                batches,
+                read.tensor_adapter_config,
+            ) | "AnalyzeDataset" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+        # TFT writes through tf.io.gfile, which has no S3 filesystem in TensorFlow 2.21:
+        # it writes to a local staging directory, and one step moves the files to the
+        # dataset (local or S3) and writes analysis.json last.
+        staging = os.path.join(self._temp_dir, "staging")
+        return (
+            transform_fn
+            | "WriteTransformFn" >> tft_beam.WriteTransformFn(staging)
+            | "Publish"
+            >> beam.Map(
+                publish_analysis,
+                staging,
+                self._dataset,
+                self._info,
+                self._split,
+                self._image_size,
+                self._resize,
+                self._config,
+            )
+        )
