@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from tfdata_reader import ops
+from tfdata_reader import ops, transform
 from tfdata_reader.cache import ShardCache
 from tfdata_reader.manifest import DatasetError, load_info, shard_uris
 from transforms import s3, storage
@@ -151,7 +151,9 @@ def make_dataset(
         augment: ``ops.Augment`` settings, ``True`` for the defaults, ``False`` for none;
             default: ``Augment()`` when training.
         normalize: ``"unit"`` (0..1), ``None`` (0..255), ``(mean, std)`` on the 0..1 scale,
-            or a callable on float32 0..255 batches (e.g. a ``transform_fn`` wrapper).
+            a callable on float32 0..255 batches, or ``"transform_fn"``: the analyze
+            job's per-channel mean/std, exactly as its transform graph applies them
+            (``tfdata_reader.transform``; needs ``analysis.json`` under ``uri``).
         dtype: image dtype, ``tf.float32`` (default) or ``tf.uint8`` (not normalised).
         one_hot: float32 one-hot labels of ``num_classes`` instead of int64 indices.
         drop_remainder: drop the last partial batch (default: ``training``).
@@ -176,6 +178,8 @@ def make_dataset(
             missing or of the wrong size. A checksum mismatch found while fetching fails
             the iteration with the shard's URI in the message.
     """
+    if isinstance(normalize, str) and normalize == "transform_fn":
+        normalize = transform.pixel_normalizer(transform.load_analysis(uri, config))
     ops.check_options(resize, normalize, dtype)
     if input_context is not None:
         num_workers = input_context.num_input_pipelines
