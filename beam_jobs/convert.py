@@ -115,6 +115,12 @@ class ConvertOptions(PipelineOptions):
             "--compression", default="none", choices=("none", "gzip"), help="shard compression"
         )
         parser.add_argument(
+            "--analyze",
+            action="store_true",
+            help="then run the analyze job (tensorflow-transform statistics, transform_fn) "
+            "on the committed dataset, with the same runner options",
+        )
+        parser.add_argument(
             "--max_concurrent_gets",
             type=int,
             default=DEFAULT_MAX_CONCURRENT_GETS,
@@ -282,6 +288,13 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         _ = {"shards": written["shards"], "rejected": rejected} | "WriteDatasetInfo" >> (
             WriteDatasetInfo(opts.output, labels, listed_count, base_info, config)
         )
+    if opts.analyze:
+        # Imported here: TensorFlow Transform takes seconds to load and convert alone
+        # never needs it. The analysis reads the committed shards (resized images), not
+        # the sources: its labels must be known before its pipeline is built.
+        from beam_jobs import analyze
+
+        analyze.analyze(opts.output, options)
     return p.result
 
 
