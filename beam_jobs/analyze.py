@@ -17,7 +17,13 @@ import tempfile
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from beam_jobs.common import UserError, cli_main, pipeline_options, s3_config
+from beam_jobs.common import (
+    UserError,
+    add_shared_argument,
+    cli_main,
+    pipeline_options,
+    s3_config,
+)
 from tfdata_reader.manifest import DatasetError, load_info
 from tfdata_reader.ops import RESIZE_POLICIES
 from tfdata_reader.transform import ANALYSIS_FILE
@@ -35,11 +41,13 @@ DEFAULT_RESIZE = "crop"
 class AnalyzeOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
+        add_shared_argument(
+            parser,
             "--dataset",
             help="the convert job's --output (s3://bucket/prefix/ or a local dir)",
         )
-        parser.add_argument(
+        add_shared_argument(
+            parser,
             "--split",
             default=DEFAULT_SPLIT,
             help="the split whose statistics are computed",

@@ -46,8 +46,11 @@ _SWITCHES = ("--verify",)
 class InspectOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument(
-            "--dataset", default=None, help="the dataset (convert's --output); also positional"
+        add_shared_argument(
+            parser,
+            "--dataset",
+            default=None,
+            help="the dataset (convert's --output); also positional",
         )
         parser.add_argument(
             "--verify",
