@@ -1,0 +1,123 @@
+"""Train on an analyzed dataset, then export a model that serves raw JPEG bytes.
+
+    python examples/export_serving.py --dataset s3://bucket/tfrecords --export_dir /tmp/m
+
+Training reads the dataset with ``make_dataset(normalize="transform_fn")``; the exported
+SavedModel carries the analyze job's transform layer (``transform_features_layer()``),
+which decodes, resizes and normalises the JPEG bytes it is given with the same ops and
+the same constants, so a served image gets the prediction training would give it.
+
+Its ``serving_default`` signature takes ``image_bytes`` (a batch of encoded JPEG or PNG
+strings) and returns ``probabilities`` and ``class_ids``; ``class_names`` maps ids through
+the transform's label vocabulary (``labels.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import keras
+import tensorflow as tf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tfdata_reader
+from tfdata_reader import transform
+from tfdata_reader.transform import IMAGE_KEY, LABEL_VOCABULARY, TRANSFORMED_IMAGE_KEY
+
+__all__ = ["ServingModule", "export_serving_model", "small_model"]
+
+
+class ServingModule(tf.Module):
+    """A trained model behind the dataset's transform layer: JPEG bytes in.
+
+    Args:
+        model: a Keras model taking normalised ``(batch, h, w, 3)`` images (the
+            transform's ``image`` output) and returning class probabilities.
+        tft_output: the dataset's ``tft.TFTransformOutput``
+            (``tfdata_reader.transform.transform_output``).
+    """
+
+    def __init__(self, model: keras.Model, tft_output) -> None:
+        super().__init__()
+        self.model = model
+        # Tracked as an attribute so its assets (the label vocabulary) are exported too.
+        self.tft_layer = tft_output.transform_features_layer()
+        self.class_names = tf.constant(tft_output.vocabulary_by_name(LABEL_VOCABULARY))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve(self, image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = self.tft_layer({IMAGE_KEY: image_bytes})[TRANSFORMED_IMAGE_KEY]
+        probabilities = self.model(images, training=False)
+        class_ids = tf.argmax(probabilities, axis=-1)
+        return {
+            "probabilities": probabilities,
+            "class_ids": class_ids,
+            "class_names": tf.gather(self.class_names, class_ids),
+        }
+
+
+def export_serving_model(model: keras.Model, tft_output, export_dir: str) -> str:
+    """Saves ``model`` with the transform attached; returns ``export_dir``."""
+    module = ServingModule(model, tft_output)
+    tf.saved_model.save(
+        module, export_dir, signatures={"serving_default": module.serve}
+    )
+    return export_dir
+
+
+def small_model(image_size, num_classes: int) -> keras.Model:
+    """A small CNN: enough to show training and serving agree, not to be accurate."""
+    return keras.Sequential(
+        [
+            keras.Input((*image_size, 3)),
+            keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(num_classes, activation="softmax"),
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dataset", required=True, help="an analyzed dataset (s3:// or path)"
+    )
+    parser.add_argument("--export_dir", required=True, help="where the SavedModel goes")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs")
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="training batch size"
+    )
+    args = parser.parse_args()
+
+    analysis = transform.load_analysis(args.dataset)
+    image_size = tuple(analysis["image_size"])
+    # The reader must size images as the transform does, or serving sees other pixels.
+    train = tfdata_reader.make_dataset(
+        args.dataset,
+        "train",
+        batch_size=args.batch_size,
+        image_size=image_size,
+        resize=analysis["resize"],
+        normalize="transform_fn",
+        seed=0,
+        drop_remainder=False,
+    )
+    model = small_model(image_size, len(analysis["labels"]))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    weights = {
+        i: analysis["class_weights"][c] for i, c in enumerate(analysis["labels"])
+    }
+    model.fit(train, epochs=args.epochs, class_weight=weights)
+    export_serving_model(
+        model,
+        transform.transform_output(args.dataset, analysis=analysis),
+        args.export_dir,
+    )
+    print(f"serving model written to {args.export_dir} (signature serving_default)")
+
+
+if __name__ == "__main__":
+    main()
