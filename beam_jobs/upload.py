@@ -4,39 +4,40 @@ uploaded, skipped as unchanged and failed, with reasons.
 
     python -m beam_jobs.upload --source ./images --output s3://bucket/images/
 
-A rerun uploads only what is missing or changed (size + MD5). Exit status: 0 when every
-file is in place, 1 when some failed (the rest stay uploaded; rerun to finish), 2 for a
-problem found before starting (missing folder or bucket, bad option). Any Beam runner
-option works alongside (``--runner``, ``--direct_num_workers``, ``--s3_endpoint_url`` …).
+The launching process first plans (lists the folder and the destination, compares
+same-size files by MD5); the Beam pipeline then uploads what is missing or changed. A
+rerun with nothing to upload, and a dry run, finish after the plan without starting a
+pipeline, so this module imports Beam only when a pipeline runs or a set-up error is
+reported. Exit status: 0 when every file is in place, 1 when some failed (the rest stay
+uploaded; rerun to finish), 2 for a problem found before starting (missing folder or
+bucket, bad option). Any Beam runner option works alongside (``--runner``,
+``--direct_num_workers``, ``--s3_endpoint_url`` …).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING, NoReturn
 
-import apache_beam as beam
 import botocore.exceptions
-from apache_beam.options.pipeline_options import PipelineOptions, TestOptions
 
-from beam_jobs.common import UserError, add_shared_argument, cli_main, pipeline_options, s3_config
-from transforms import s3, storage
+from transforms import s3, storage, uploader
 from transforms.s3 import S3Config
-from transforms.upload import (
-    ListLocalFiles,
-    ListObjects,
-    Summarize,
-    UploadFiles,
-    UploadSettings,
-)
+from transforms.uploader import Plan, UploadSettings
 
-__all__ = ["UploadOptions", "main", "run"]
+if TYPE_CHECKING:
+    from apache_beam.runners.runner import PipelineResult
 
-DEFAULT_CONCURRENCY = 32
+__all__ = ["main", "run"]
+
+DEFAULT_CONCURRENCY = 64
 DEFAULT_MULTIPART_THRESHOLD_MB = 64
 DEFAULT_OBJECT_ATTEMPTS = 3
 DEFAULT_MAX_ATTEMPTS = 10
@@ -49,121 +50,168 @@ STORAGE_CLASSES = (
 _FAILURES_SHOWN = 20
 
 
-class UploadOptions(PipelineOptions):
-    @classmethod
-    def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument("--source", help="local folder to upload (e.g. <class>/<file>)")
-        add_shared_argument(parser, "--output", help="s3://bucket/prefix/ that mirrors the folder")
-        parser.add_argument(
-            "--include",
-            action="append",
-            default=[],
-            help="glob on the relative path (repeatable); when given, only matches go",
-        )
-        parser.add_argument(
-            "--exclude",
-            action="append",
-            default=[],
-            help="glob on the relative path (repeatable); matches are left out",
-        )
-        parser.add_argument(
-            "--images_only",
-            action="store_true",
-            help="upload only files whose content is an image (by content, not extension)",
-        )
-        parser.add_argument(
-            "--concurrency",
-            type=int,
-            default=DEFAULT_CONCURRENCY,
-            help="files uploading at once per worker",
-        )
-        parser.add_argument(
-            "--multipart_threshold_mb",
-            type=float,
-            default=DEFAULT_MULTIPART_THRESHOLD_MB,
-            help="files above this size are uploaded in parts",
-        )
-        parser.add_argument(
-            "--max_attempts",
-            type=int,
-            default=DEFAULT_MAX_ATTEMPTS,
-            help="attempts per S3 request (botocore standard retry mode)",
-        )
-        parser.add_argument(
-            "--object_attempts",
-            type=int,
-            default=DEFAULT_OBJECT_ATTEMPTS,
-            help="attempts per file when a request fails after all its retries",
-        )
-        parser.add_argument("--sse", choices=SSE_CHOICES, help="server-side encryption")
-        parser.add_argument("--sse_kms_key_id", help="KMS key for --sse aws:kms")
-        parser.add_argument("--storage_class", choices=STORAGE_CLASSES, help="S3 storage class")
-        add_shared_argument(
-            parser,
-            "--report",
-            default=DEFAULT_REPORT,
-            help="where the JSON report goes (local path or s3:// URI)",
-        )
+def _add_arguments(parser: argparse.ArgumentParser, add_shared) -> None:
+    """The job's own flags, for Beam's parser and for the plan's Beam-free one."""
+    parser.add_argument("--source", help="local folder to upload (e.g. <class>/<file>)")
+    add_shared(parser, "--output", help="s3://bucket/prefix/ that mirrors the folder")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="glob on the relative path (repeatable); when given, only matches go",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        help="glob on the relative path (repeatable); matches are left out",
+    )
+    parser.add_argument(
+        "--images_only",
+        action="store_true",
+        help="upload only files whose content is an image (by content, not extension)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="files uploading at once per worker",
+    )
+    parser.add_argument(
+        "--multipart_threshold_mb",
+        type=float,
+        default=DEFAULT_MULTIPART_THRESHOLD_MB,
+        help="files above this size are uploaded in parts",
+    )
+    parser.add_argument(
+        "--max_attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="attempts per S3 request (botocore standard retry mode)",
+    )
+    parser.add_argument(
+        "--object_attempts",
+        type=int,
+        default=DEFAULT_OBJECT_ATTEMPTS,
+        help="attempts per file when a request fails after all its retries",
+    )
+    parser.add_argument("--sse", choices=SSE_CHOICES, help="server-side encryption")
+    parser.add_argument("--sse_kms_key_id", help="KMS key for --sse aws:kms")
+    parser.add_argument(
+        "--storage_class", choices=STORAGE_CLASSES, help="S3 storage class"
+    )
+    add_shared(
+        parser,
+        "--report",
+        default=DEFAULT_REPORT,
+        help="where the JSON report goes (local path or s3:// URI)",
+    )
 
 
-def _options(argv: list[str] | None) -> tuple[PipelineOptions, UploadOptions, bool]:
-    """Parses argv; ``--dry_run`` is Beam's own flag (it takes a value), so a bare
-    ``--dry_run`` is read as ``--dry_run=true``."""
-    args = [
-        "--dry_run=true" if a == "--dry_run" else a
-        for a in (sys.argv[1:] if argv is None else argv)
-    ]
-    options = pipeline_options(args)
-    dry_run = str(options.view_as(TestOptions).dry_run).lower() in ("true", "1", "yes")
-    return options, options.view_as(UploadOptions), dry_run
+@functools.cache
+def _options_class() -> type:
+    """The job's ``PipelineOptions`` subclass, defined when a pipeline is about to run."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.common import add_shared_argument
+
+    class UploadOptions(PipelineOptions):
+        @classmethod
+        def _add_argparse_args(cls, parser) -> None:
+            _add_arguments(parser, add_shared_argument)
+
+    return UploadOptions
 
 
-def _validate(opts: UploadOptions) -> None:
+def _user_error(message: str) -> Exception:
+    """A set-up problem: one line and exit status 2 through ``cli_main``. Its module
+    imports Beam, so it is imported on this error path only."""
+    from beam_jobs.common import UserError
+
+    return UserError(message)
+
+
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The job's flags, ``--dry_run`` and Beam's ``--s3_*`` flags, read without Beam;
+    returns them and the arguments for the pipeline (runner options pass through)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="upload", description=__doc__.split("\n\n")[0]
+    )
+    _add_arguments(parser, lambda p, flag, **kwargs: p.add_argument(flag, **kwargs))
+    # Beam's TestOptions flag takes a value; a bare --dry_run means true.
+    parser.add_argument(
+        "--dry_run",
+        nargs="?",
+        const="true",
+        default="false",
+        help="list what would be uploaded, upload nothing",
+    )
+    # Beam's S3Options flags (the pipeline's parser defines them), read by S3Config name.
+    for field in dataclasses.fields(S3Config):
+        if field.name.startswith("s3_"):
+            if isinstance(field.default, bool):
+                parser.add_argument(
+                    f"--{field.name}", action="store_true", help="see Beam"
+                )
+            else:
+                parser.add_argument(f"--{field.name}", help="see Beam's S3Options")
+    opts, _beam_only = parser.parse_known_args(args)
+    opts.dry_run = opts.dry_run.lower() in ("true", "1", "yes")
+    return opts, args
+
+
+def _validate(opts: argparse.Namespace) -> None:
     if not opts.source or not opts.output:
-        raise UserError("--source DIR and --output s3://bucket/prefix/ are required")
+        raise _user_error("--source DIR and --output s3://bucket/prefix/ are required")
     if not s3.is_s3(opts.output):
-        raise UserError(f"--output must be an s3:// URI, got {opts.output!r}")
-    for flag in ("concurrency", "multipart_threshold_mb", "max_attempts", "object_attempts"):
+        raise _user_error(f"--output must be an s3:// URI, got {opts.output!r}")
+    for flag in (
+        "concurrency",
+        "multipart_threshold_mb",
+        "max_attempts",
+        "object_attempts",
+    ):
         if getattr(opts, flag) <= 0:
-            raise UserError(f"--{flag} must be positive")
+            raise _user_error(f"--{flag} must be positive")
     if opts.sse_kms_key_id and opts.sse != "aws:kms":
-        raise UserError("--sse_kms_key_id needs --sse aws:kms")
+        raise _user_error("--sse_kms_key_id needs --sse aws:kms")
 
 
 def _check_source(source: str) -> None:
     """Fails early on a missing, unreadable or empty source folder."""
     if not os.path.exists(source):
-        raise UserError(f"source {source} does not exist")
+        raise _user_error(f"source {source} does not exist")
     if not os.path.isdir(source):
-        raise UserError(f"source {source} is not a directory")
+        raise _user_error(f"source {source} is not a directory")
     try:
         for _dirpath, _dirs, files in os.walk(source, onerror=_raise, followlinks=True):
             if files:
                 return
     except OSError as e:
-        raise UserError(f"cannot read source {source}: {e.strerror or e}") from None
-    raise UserError(f"source {source} holds no files: nothing to upload")
+        raise _user_error(f"cannot read source {source}: {e.strerror or e}") from None
+    raise _user_error(f"source {source} holds no files: nothing to upload")
 
 
-def _raise(error: OSError) -> None:
+def _raise(error: BaseException, *_unused) -> NoReturn:
     raise error
 
 
-def _check_bucket(bucket: str, config: S3Config) -> None:
-    try:
-        s3.client(config).head_bucket(Bucket=bucket)
-    except botocore.exceptions.ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
+def _bucket_error(bucket: str, error: Exception) -> Exception:
+    """What to tell the user when listing the destination bucket fails."""
+    if isinstance(error, botocore.exceptions.ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket", "NotFound"):
-            raise UserError(f"bucket {bucket} does not exist: create it first") from None
+            return _user_error(f"bucket {bucket} does not exist: create it first")
         if code in ("403", "AccessDenied", "Forbidden"):
-            raise UserError(f"no access to bucket {bucket}: check your AWS credentials") from None
-        raise UserError(f"cannot reach bucket {bucket}: {code or e}") from None
-    except botocore.exceptions.BotoCoreError as e:
-        raise UserError(f"cannot reach S3 for bucket {bucket}: {e}") from None
+            return _user_error(
+                f"no access to bucket {bucket}: check your AWS credentials"
+            )
+        return _user_error(f"cannot reach bucket {bucket}: {code or error}")
+    return _user_error(f"cannot reach S3 for bucket {bucket}: {error}")
 
 
-def _settings(opts: UploadOptions, config: S3Config, dry_run: bool) -> UploadSettings:
+def _settings(opts: argparse.Namespace, config: S3Config) -> UploadSettings:
     bucket, key = s3.parse(opts.output)
     prefix = key.rstrip("/") + "/" if key.strip("/") else ""
     return UploadSettings(
@@ -175,7 +223,6 @@ def _settings(opts: UploadOptions, config: S3Config, dry_run: bool) -> UploadSet
         multipart_threshold=int(opts.multipart_threshold_mb * 1024 * 1024),
         object_attempts=opts.object_attempts,
         images_only=opts.images_only,
-        dry_run=dry_run,
         sse=opts.sse or "",
         sse_kms_key_id=opts.sse_kms_key_id or "",
         storage_class=opts.storage_class or "",
@@ -183,47 +230,93 @@ def _settings(opts: UploadOptions, config: S3Config, dry_run: bool) -> UploadSet
     )
 
 
-def _client_config(options: PipelineOptions, opts: UploadOptions) -> S3Config:
-    config = s3_config(options)
+def _client_config(opts: argparse.Namespace) -> S3Config:
+    config = S3Config.from_options(opts)
     # The pool must hold every request in flight: files at once, plus parts of big ones.
     return dataclasses.replace(
         config,
-        max_attempts=opts.max_attempts,
         max_pool_connections=max(config.max_pool_connections, 2 * opts.concurrency),
     )
 
 
 def _write_report(summary: dict, uri: str, header: dict, config: S3Config) -> None:
-    storage.write_bytes(uri, json.dumps({**header, **summary}, indent=1).encode(), config)
+    storage.write_bytes(
+        uri, json.dumps({**header, **summary}, indent=1).encode(), config
+    )
 
 
-def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
-    """Runs the upload job; returns the finished pipeline's result.
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What the launching process decided before any pipeline."""
 
-    Raises:
-        UserError: for source, bucket or option problems found before the pipeline starts.
-    """
-    options, opts, dry_run = _options(argv)
+    args: list[str]  # for the pipeline's options
+    settings: UploadSettings
+    plan: Plan
+    report: str
+    header: dict
+
+
+def _prepare(argv: list[str] | None) -> _Job:
+    """Parses and checks the options, then plans against the destination's listing."""
+    opts, args = _parse(argv)
     _validate(opts)
     _check_source(opts.source)
-    config = _client_config(options, opts)
-    settings = _settings(opts, config, dry_run)
-    _check_bucket(settings.bucket, config)
+    config = _client_config(opts)
+    settings = _settings(opts, config)
     storage.delete(opts.report, config)  # a stale report must never read as this run's
-    header = {"source": settings.source, "output": opts.output, "dry_run": dry_run}
-    print(f"[upload] {settings.source} -> {opts.output} …", file=sys.stderr, flush=True)
+    try:
+        plan = uploader.plan(settings, opts.include, opts.exclude, opts.dry_run)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+        raise _bucket_error(settings.bucket, e) from None
+    files, size = plan.totals
+    print(
+        f"[upload] {settings.source} -> {opts.output}: {files:,} files to upload "
+        f"({size / 1e6:,.1f} MB), {plan.done.counts['unchanged']:,} unchanged",
+        file=sys.stderr,
+        flush=True,
+    )
+    header = {"source": settings.source, "output": opts.output, "dry_run": opts.dry_run}
+    return _Job(args, settings, plan, opts.report, header)
 
-    with beam.Pipeline(options=options) as p:
-        local = p | "ListLocalFiles" >> ListLocalFiles(settings.source, opts.include, opts.exclude)
-        remote = p | "ListObjects" >> ListObjects(settings.bucket, settings.prefix, config)
-        uploaded = local["files"] | "UploadFiles" >> UploadFiles(settings, remote)
+
+def _run_pipeline(job: _Job) -> PipelineResult:
+    import apache_beam as beam
+
+    from beam_jobs.common import pipeline_options
+    from transforms.upload import Summarize, UploadFiles
+
+    _options_class()  # Beam's parser then knows this job's flags
+    with beam.Pipeline(options=pipeline_options(job.args)) as p:
         _ = (
-            (uploaded, local["failed"])
-            | "AllResults" >> beam.Flatten()
-            | "Summarize" >> Summarize()
-            | "WriteReport" >> beam.Map(_write_report, opts.report, header, config)
+            p
+            # Create keeps the plan's order on DirectRunner: largest files start first.
+            | "PlannedFiles" >> beam.Create(job.plan.to_upload)
+            | "UploadFiles" >> UploadFiles(job.settings, job.plan.totals)
+            | "Summarize" >> Summarize(job.plan.done)
+            | "WriteReport"
+            >> beam.Map(_write_report, job.report, job.header, job.settings.config)
         )
     return p.result
+
+
+def run(argv: list[str] | None = None) -> PipelineResult | None:
+    """Runs the upload job: plans, then uploads in a pipeline what is missing or changed.
+
+    Returns:
+        The finished pipeline's result, or ``None`` when the plan left nothing to upload
+        (nothing new since the last run, or a dry run) and no pipeline ran. Either way
+        the report is written.
+
+    Raises:
+        UserError: for source, bucket or option problems found before anything uploads.
+    """
+    job = _prepare(argv)
+    if not job.plan.to_upload:
+        _write_report(
+            job.plan.done.to_dict(), job.report, job.header, job.settings.config
+        )
+        return None
+    return _run_pipeline(job)
 
 
 def print_summary(report: dict, elapsed_s: float, report_uri: str) -> int:
@@ -247,22 +340,32 @@ def print_summary(report: dict, elapsed_s: float, report_uri: str) -> int:
         print(f"  … and {len(failed) - _FAILURES_SHOWN} more")
     print(f"report: {report_uri}")
     if failed:
-        print("some files failed: fix them and rerun; what is uploaded stays", file=sys.stderr)
+        print(
+            "some files failed: fix them and rerun; what is uploaded stays",
+            file=sys.stderr,
+        )
     return len(failed)
 
 
+def _upload(argv: list[str] | None) -> int:
+    started = time.monotonic()
+    run(argv)
+    opts, _args = _parse(argv)
+    report = json.loads(storage.read_bytes(opts.report, _client_config(opts)))
+    return print_summary(report, time.monotonic() - started, opts.report)
+
+
 def main(argv: list[str] | None = None) -> None:
-    failed = 0
+    """The console entry point: exit status 0, 1 when some files failed, 2 for a set-up
+    problem (one line on stderr)."""
+    try:
+        failed = _upload(argv)
+    except (Exception, KeyboardInterrupt) as error:
+        from beam_jobs.common import cli_main
 
-    def _job(args):
-        nonlocal failed
-        started = time.monotonic()
-        run(args)
-        options, opts, _ = _options(args)
-        report = json.loads(storage.read_bytes(opts.report, s3_config(options)))
-        failed = print_summary(report, time.monotonic() - started, opts.report)
-
-    cli_main("upload", _job, argv)
+        # Exits with status 2 (UserError) or 130 (Ctrl-C); anything else propagates.
+        cli_main("upload", functools.partial(_raise, error))
+        raise
     if failed:
         sys.exit(1)
 

@@ -14,7 +14,8 @@ from beam_jobs import upload
 from beam_jobs.common import counters
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
 from transforms import s3
-from transforms.upload import METRICS_NAMESPACE, content_type, selected
+from transforms.upload import METRICS_NAMESPACE
+from transforms.uploader import content_type, selected
 
 MIB = 1024 * 1024
 
@@ -43,6 +44,11 @@ def _image_tree(root: str, count: int, seed: int = 0) -> None:
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"img_{i:03d}.jpg"), "wb") as f:
             f.write(encode(photo_like(64, 48, rng), "JPEG", quality=90))
+
+
+def _report(tmp_path) -> dict:
+    with open(tmp_path / "report.json") as f:
+        return json.load(f)
 
 
 def _main(args: list[str], report: str) -> tuple[int, dict]:
@@ -99,9 +105,9 @@ def test_upload_mirrors_tree_rerun_skips_and_changed_files_reupload(s3_bucket, t
     assert "-" in big_head["ETag"], "a file above the threshold must go multipart"
     assert big_head["ServerSideEncryption"] == "AES256"
 
-    second = counters(upload.run(args), METRICS_NAMESPACE)
-    assert second.get("files_uploaded", 0) == 0
-    assert second["files_unchanged"] == len(local)
+    # Nothing changed: the plan finds every file unchanged and no pipeline starts.
+    assert upload.run(args) is None
+    assert _report(tmp_path)["counts"] == {"unchanged": len(local)}
 
     # Same size, other bytes: only a checksum can tell; and one that grew.
     same_size = bytearray(local["bird/bird_0000.jpg"])
@@ -113,7 +119,7 @@ def test_upload_mirrors_tree_rerun_skips_and_changed_files_reupload(s3_bucket, t
     (tmp_path / "src" / "dog" / "dog_0001.jpg").write_bytes(local["dog/dog_0001.jpg"] + b"xx")
     third = counters(upload.run(args), METRICS_NAMESPACE)
     assert third["files_uploaded"] == 3
-    assert third["files_unchanged"] == len(local) - 3
+    assert _report(tmp_path)["counts"] == {"unchanged": len(local) - 3, "uploaded": 3}
     assert _bucket_files(s3_bucket, "images/") == _tree_files(src)
 
 
