@@ -82,6 +82,7 @@ def test_upload_mirrors_tree_rerun_skips_and_changed_files_reupload(s3_bucket, t
     (tmp_path / "src" / "dog" / "really_a_png.jpg").write_bytes(png)
     big = np.random.default_rng(2).bytes(int(2.5 * MIB))
     (tmp_path / "src" / "cat" / "big.bin").write_bytes(big)
+    (tmp_path / "src" / "notes.txt").write_bytes(b"a file at the top of the tree")
     args = [
         f"--source={src}",
         f"--output=s3://{s3_bucket}/images",

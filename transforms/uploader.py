@@ -47,8 +47,6 @@ __all__ = [
     "UploadSettings",
     "Uploader",
     "content_type",
-    "list_local",
-    "list_remote",
     "plan",
     "selected",
 ]
@@ -216,61 +214,32 @@ def _walk_below(root: str, task: tuple[str, frozenset]) -> list[LocalFile | File
     return found
 
 
-def list_local(
-    root: str, include: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> tuple[list[LocalFile], list[FileResult]]:
-    """Lists a local folder tree, class folders in parallel.
-
-    Args:
-        root: the source directory.
-        include: globs on the relative path; when given, a file must match one.
-        exclude: globs on the relative path; a matching file is left out.
-
-    Returns:
-        The files that pass the globs, sorted by path, and a failed :class:`FileResult`
-        per entry that cannot be uploaded (dangling link, loop, FIFO, unreadable folder).
-    """
-    root_stat = os.stat(root)
-    items, folders = [], []
-    for item in _walk(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)})):
-        (items if isinstance(item, (LocalFile, FileResult)) else folders).append(item)
-    with concurrent.futures.ThreadPoolExecutor(PLAN_THREADS) as pool:
-        for found in pool.map(lambda task: _walk_below(root, task), folders):
-            items.extend(found)
-    files = sorted(
-        (
-            f
-            for f in items
-            if isinstance(f, LocalFile) and selected(f.rel, include, exclude)
-        ),
-        key=lambda f: f.rel,
-    )
-    return files, [f for f in items if isinstance(f, FileResult)]
+def _top_folder(rel: str) -> str:
+    """``"cat/a.jpg"`` -> ``"cat"``; ``""`` for a file at the top of the tree."""
+    folder, slash, _rest = rel.partition("/")
+    return folder if slash else ""
 
 
-def list_remote(
-    bucket: str, prefix: str, config: S3Config | None = None
+def _remote_objects(
+    bucket: str, prefix: str, folder: str, config: S3Config | None
 ) -> dict[str, RemoteObject]:
-    """What ``s3://bucket/prefix`` holds, by path relative to ``prefix``; sub-prefixes
-    are listed in parallel (1,000 keys per request each).
+    """What the destination holds below one top-level folder of the source (all levels,
+    1,000 keys per request), or, for ``folder == ""``, directly under ``prefix``.
 
     Raises:
         botocore.exceptions.ClientError: the bucket is missing or not readable.
     """
-    objects = {}
-    sub_prefixes = []
-    for item in s3.list_prefixes(bucket, prefix, config):
-        if isinstance(item, str):
-            sub_prefixes.append(item)
-        else:
-            objects[item.key[len(prefix) :]] = RemoteObject(item.size, item.etag)
-    with concurrent.futures.ThreadPoolExecutor(PLAN_THREADS) as pool:
-        for listing in pool.map(
-            lambda sub: list(s3.iter_objects(bucket, sub, config)), sub_prefixes
-        ):
-            for item in listing:
-                objects[item.key[len(prefix) :]] = RemoteObject(item.size, item.etag)
-    return objects
+    if folder:
+        items = s3.iter_objects(bucket, f"{prefix}{folder}/", config)
+    else:
+        items = (
+            i
+            for i in s3.list_prefixes(bucket, prefix, config)
+            if not isinstance(i, str)
+        )
+    return {
+        item.key[len(prefix) :]: RemoteObject(item.size, item.etag) for item in items
+    }
 
 
 def _read_whole(path: str) -> bytes:
@@ -501,30 +470,71 @@ def plan(
     exclude: Sequence[str] = (),
     dry_run: bool = False,
 ) -> Plan:
-    """Lists the tree and the destination at once and compares them.
+    """Lists the source tree and the destination and compares them.
 
-    Files with a same-size object are read and compared by MD5 (in parallel: MD5 runs
-    outside the GIL); in a dry run every other file is answered ``would_upload``.
+    Each top-level folder of the source is walked, and its counterpart in the
+    destination listed, in parallel; objects outside them are never listed (the job
+    deletes nothing). Files that have a same-size object are read and compared by MD5 as
+    soon as their folder's listing arrives (MD5 runs outside the GIL, on every core). In
+    a dry run every other file is answered ``would_upload``.
+
+    Args:
+        settings: source, destination and filters.
+        include: globs on the relative path; when given, a file must match one.
+        exclude: globs on the relative path; a matching file is left out.
+        dry_run: answer every file without uploading.
 
     Raises:
         botocore.exceptions.ClientError: the bucket is missing or not readable.
     """
+    root = settings.source
     uploader = Uploader(settings)
+    root_stat = os.stat(root)
+    items, folders = [], []
+    for item in _walk(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)})):
+        (items if isinstance(item, (LocalFile, FileResult)) else folders).append(item)
+    done = Summary()
+    to_upload = []
     with concurrent.futures.ThreadPoolExecutor(PLAN_THREADS) as pool:
-        remote_listing = pool.submit(
-            list_remote, settings.bucket, settings.prefix, settings.config
-        )
-        files, failures = list_local(settings.source, include, exclude)
-        remote = remote_listing.result()
-        checked = pool.map(lambda f: uploader.unchanged(f, remote.get(f.rel)), files)
-        done = Summary(failures)
-        to_upload = []
-        for local, result in zip(files, checked):
-            if result is not None:
-                done.add(result)
-            elif dry_run:
-                done.add(uploader.would_upload(local))
-            else:
+
+        def list_remote(folder: str) -> concurrent.futures.Future:
+            return pool.submit(
+                _remote_objects,
+                settings.bucket,
+                settings.prefix,
+                folder,
+                settings.config,
+            )
+
+        listings = {list_remote(rel): rel for rel, _ancestors in folders}
+        for found in pool.map(lambda task: _walk_below(root, task), folders):
+            items.extend(found)
+        by_folder = collections.defaultdict(list)
+        for item in items:
+            if isinstance(item, FileResult):
+                done.add(item)
+            elif selected(item.rel, include, exclude):
+                by_folder[_top_folder(item.rel)].append(item)
+        if by_folder[""]:  # objects directly under the prefix: listed only when needed
+            listings[list_remote("")] = ""
+        checks = []
+        for listing in concurrent.futures.as_completed(listings):
+            remote = listing.result()
+            for local in by_folder[listings[listing]]:
+                held = remote.get(local.rel)
+                if held is not None and held.size == local.size:
+                    checks.append((local, pool.submit(uploader.unchanged, local, held)))
+                else:
+                    to_upload.append(local)
+        for local, check in checks:
+            result = check.result()
+            if result is None:
                 to_upload.append(local)
+            else:
+                done.add(result)
+    if dry_run:
+        for local in to_upload:
+            done.add(uploader.would_upload(local))
+        to_upload = []
     to_upload.sort(key=lambda f: (-f.size, f.rel))
     return Plan(to_upload, done)
