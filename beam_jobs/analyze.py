@@ -25,17 +25,13 @@ from beam_jobs.common import (
     s3_config,
 )
 from tfdata_reader.manifest import DatasetError, load_info
-from tfdata_reader.ops import RESIZE_POLICIES
 from tfdata_reader.transform import ANALYSIS_FILE
 from transforms import storage
 from transforms.analyze import DEFAULT_RECORD_BATCH_SIZE, AnalyzeImages
-from transforms.images import parse_resize
 
 __all__ = ["AnalyzeOptions", "analyze", "main", "run"]
 
 DEFAULT_SPLIT = "train"
-DEFAULT_IMAGE_SIZE = (224, 224)
-DEFAULT_RESIZE = "crop"
 
 
 class AnalyzeOptions(PipelineOptions):
@@ -53,18 +49,6 @@ class AnalyzeOptions(PipelineOptions):
             help="the split whose statistics are computed",
         )
         parser.add_argument(
-            "--image_size",
-            default=None,
-            help="HxW of the transform's normalised image output (default: the dataset's "
-            "fit/crop size, else 224x224)",
-        )
-        parser.add_argument(
-            "--image_resize",
-            default=DEFAULT_RESIZE,
-            choices=RESIZE_POLICIES,
-            help="how the transform sizes images to --image_size (the reader's policies)",
-        )
-        parser.add_argument(
             "--record_batch_size",
             type=int,
             default=DEFAULT_RECORD_BATCH_SIZE,
@@ -72,29 +56,10 @@ class AnalyzeOptions(PipelineOptions):
         )
 
 
-def _image_size(spec: str | None, info: dict) -> tuple[int, int]:
-    if spec:
-        try:
-            height, width = (int(v) for v in spec.lower().split("x"))
-        except ValueError:
-            raise UserError(
-                f"--image_size must be HxW, e.g. 224x224, not {spec!r}"
-            ) from None
-        if height <= 0 or width <= 0:
-            raise UserError("--image_size must be positive")
-        return height, width
-    resize = parse_resize(info.get("options", {}).get("resize", "none"))
-    if resize.mode in ("fit", "crop"):
-        return resize.height, resize.width
-    return DEFAULT_IMAGE_SIZE
-
-
 def analyze(
     dataset: str,
     options: PipelineOptions,
     split: str = DEFAULT_SPLIT,
-    image_size: str | None = None,
-    image_resize: str = DEFAULT_RESIZE,
     record_batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
 ) -> beam.runners.runner.PipelineResult:
     """Analyzes ``split`` of the dataset at ``dataset`` with ``options``' runner.
@@ -111,7 +76,6 @@ def analyze(
         raise UserError(f"{dataset} has no {split!r} examples to analyze")
     if record_batch_size <= 0:
         raise UserError("--record_batch_size must be positive")
-    size = _image_size(image_size, info)
     # The old analysis must not describe the new transform output while it is replaced.
     storage.delete(storage.join(dataset, ANALYSIS_FILE), config)
     print(
@@ -127,10 +91,8 @@ def analyze(
                 dataset,
                 info,
                 split,
-                size,
                 temp_dir,
                 config,
-                image_resize,
                 record_batch_size,
             )
     finally:
@@ -152,8 +114,6 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         opts.dataset,
         options,
         opts.split,
-        opts.image_size,
-        opts.image_resize,
         opts.record_batch_size,
     )
 

@@ -10,7 +10,8 @@ In: a dataset prefix (``s3://bucket/prefix`` or a local path) that the analyze j
   0..255 batches, for ``make_dataset(normalize="transform_fn")``;
 - :func:`transform_output`: ``tft.TFTransformOutput`` over ``OUT/transform_fn`` (copied to a
   local cache first when the dataset is on S3: TensorFlow 2.21 has no S3 filesystem), whose
-  ``transform_features_layer()`` turns raw JPEG bytes into normalised images for serving.
+  ``transform_features_layer()`` gives a serving model the same constants, label
+  vocabulary and class weights.
 
 ``analysis.json`` is written last by the analyze job: it is the commit marker of the
 transform output, as ``dataset_info.json`` is of the dataset.
@@ -33,12 +34,16 @@ from transforms.s3 import S3Config
 __all__ = [
     "ANALYSIS_FILE",
     "ANALYSIS_FORMAT_VERSION",
+    "CLASS_COUNTS_KEY",
+    "CLASS_WEIGHTS_KEY",
     "CLASS_WEIGHT_KEY",
     "IMAGE_KEY",
     "LABEL_KEY",
     "LABEL_TEXT_KEY",
     "LABEL_VOCABULARY",
-    "TRANSFORMED_IMAGE_KEY",
+    "PIXEL_COUNT_KEY",
+    "PIXEL_MEAN_KEY",
+    "PIXEL_STD_KEY",
     "TRANSFORMED_LABEL_KEY",
     "TRANSFORMED_METADATA_DIR",
     "TRANSFORM_FN_DIR",
@@ -60,16 +65,24 @@ IMAGE_KEY = "image/encoded"
 LABEL_KEY = "image/class/label"
 LABEL_TEXT_KEY = "image/class/text"
 # Per-example outputs of the transform besides the copied raw features.
-TRANSFORMED_IMAGE_KEY = "image"  # float32 (h, w, 3): decoded, resized, normalised
 TRANSFORMED_LABEL_KEY = "label"  # int64: index of the class text in the vocabulary
 CLASS_WEIGHT_KEY = "class_weight"  # float32: inverse-frequency weight of the class
+# Dataset-wide statistics, the same for every example (as tft_unit's own
+# assertAnalyzerOutputs broadcasts analyzer results): the normalisation constants a
+# serving model reads from the transform layer, and what analysis.json records.
+PIXEL_MEAN_KEY = "stats/pixel_mean"  # float32 (3,), 0..255 scale
+PIXEL_STD_KEY = "stats/pixel_std"  # float32 (3,)
+PIXEL_COUNT_KEY = "stats/pixels"  # int64: pixels of all analyzed images
+CLASS_COUNTS_KEY = "stats/class_counts"  # int64 (num_classes,)
+CLASS_WEIGHTS_KEY = "stats/class_weights"  # float32 (num_classes,)
 
 
 def normalize_pixels(images, mean, std):
     """``(images - mean) / std`` per channel, on the 0..255 scale.
 
-    The one definition of the normalisation: the transform graph and the reader both
-    call it, so training and serving compute the same values.
+    The one definition of the normalisation: the reader (``normalize="transform_fn"``)
+    and serving models call it with the transform's constants, so both compute the same
+    values.
     """
     return (images - mean) / std
 
@@ -134,8 +147,8 @@ def load_analysis(
 
     Returns:
         The statistics: ``labels``, ``pixel_mean`` / ``pixel_std`` (per channel, 0..255
-        scale), ``class_counts`` / ``class_weights`` (by label), ``image_size``,
-        ``source_image_stats``, ``split``, ``examples``, ``pixels``.
+        scale), ``class_counts`` / ``class_weights`` (by label), ``source_image_stats``,
+        ``split``, ``examples``, ``pixels``.
 
     Raises:
         DatasetError: no analysis (the analyze job has not run or did not finish), an

@@ -13,11 +13,15 @@ The records reach TFT as Arrow record batches (TFXIO's ``TFExampleRecord`` decod
 shard by shard as streams: every analyzer is a combiner, so memory per worker is one
 record batch plus constants whatever the dataset size.
 
-The transform graph turns raw JPEG/PNG bytes into normalised ``image`` tensors of a fixed
-size (the reader's own decode and resize ops), the class text into its vocabulary index,
-and gives each example its class weight. ``analysis.json`` records the same statistics for
-readers (``tfdata_reader.transform``) and people, with the source image size statistics
-of ``dataset_info.json``.
+The transform graph maps the class text to its vocabulary index, gives each example its
+class weight, and gives every example the dataset's statistics (``stats/…``): a serving
+model reads the normalisation constants from it. It does not decode or resize images
+itself: TensorFlow runs every stateful op of a graph, and the reader's resize ops carry
+shape assertions (stateful), so an image output would be computed during the analysis
+too, tripling its cost. Images are decoded and sized by the reader's ops
+(``tfdata_reader.ops``) in training and serving alike. ``analysis.json`` records the
+same statistics for readers (``tfdata_reader.transform``) and people, with the source
+image size statistics of ``dataset_info.json``.
 """
 
 from __future__ import annotations
@@ -37,20 +41,22 @@ import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 
-from tfdata_reader import ops
 from tfdata_reader.transform import (
     ANALYSIS_FILE,
     ANALYSIS_FORMAT_VERSION,
+    CLASS_COUNTS_KEY,
     CLASS_WEIGHT_KEY,
+    CLASS_WEIGHTS_KEY,
     IMAGE_KEY,
     LABEL_KEY,
     LABEL_TEXT_KEY,
     LABEL_VOCABULARY,
+    PIXEL_COUNT_KEY,
+    PIXEL_MEAN_KEY,
+    PIXEL_STD_KEY,
     TRANSFORM_FN_DIR,
-    TRANSFORMED_IMAGE_KEY,
     TRANSFORMED_LABEL_KEY,
     TRANSFORMED_METADATA_DIR,
-    normalize_pixels,
     split_fingerprint,
 )
 from transforms import storage
@@ -58,12 +64,7 @@ from transforms.s3 import S3Config
 from transforms.verify import iter_records
 
 __all__ = [
-    "CLASS_COUNTS_KEY",
-    "CLASS_WEIGHTS_KEY",
     "DEFAULT_RECORD_BATCH_SIZE",
-    "PIXEL_COUNT_KEY",
-    "PIXEL_MEAN_KEY",
-    "PIXEL_STD_KEY",
     "RAW_FEATURE_SPEC",
     "AnalyzeImages",
     "ReadRecordBatches",
@@ -78,14 +79,6 @@ RAW_FEATURE_SPEC = {
     LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
     LABEL_TEXT_KEY: tf.io.FixedLenFeature([], tf.string),
 }
-# Dataset-wide statistics, broadcast to every example (as tft_unit's own
-# assertAnalyzerOutputs does): the analyze job reads them back from the transform graph
-# into analysis.json, so the file holds exactly the constants the graph applies.
-PIXEL_MEAN_KEY = "stats/pixel_mean"
-PIXEL_STD_KEY = "stats/pixel_std"
-PIXEL_COUNT_KEY = "stats/pixels"
-CLASS_COUNTS_KEY = "stats/class_counts"
-CLASS_WEIGHTS_KEY = "stats/class_weights"
 # A channel with one value everywhere has std 0: dividing by this instead keeps the
 # normalised images finite.
 _MIN_STD = 1e-3
@@ -136,45 +129,34 @@ def _broadcast(value: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
     return tf.broadcast_to(value, tf.concat([[batch], tf.shape(value)], axis=0))
 
 
-def make_preprocessing_fn(
-    labels: Sequence[str], image_size: Sequence[int], resize: str = "crop"
-) -> Callable[[dict], dict]:
+def make_preprocessing_fn(labels: Sequence[str]) -> Callable[[dict], dict]:
     """The dataset's ``preprocessing_fn``.
 
     Args:
         labels: the class names of ``labels.txt``, in order (``image/class/label`` indexes
             them).
-        image_size: ``(height, width)`` of the transform's ``image`` output.
-        resize: the reader's resize policy for that output (``crop``, ``pad``,
-            ``stretch``).
 
     Returns:
         A TFT ``preprocessing_fn``: raw features (:data:`RAW_FEATURE_SPEC`) in; the raw
-        features plus ``image`` (float32, normalised), ``label``, ``class_weight`` and the
-        broadcast statistics (``stats/…``) out.
+        features plus ``label``, ``class_weight`` and the broadcast statistics
+        (``stats/…``, see ``tfdata_reader.transform``) out.
     """
     labels = list(labels)
     num_classes = len(labels)
-    height, width = (int(v) for v in image_size)
 
     def preprocessing_fn(inputs: dict) -> dict:
         outputs = inputs.copy()
         encoded = inputs[IMAGE_KEY]
-        batch = tf.shape(inputs[LABEL_KEY])[0]
+        # The statistics follow the image input's batch: a serving model that feeds only
+        # image bytes gets them.
+        batch = tf.shape(encoded)[0]
 
         sums, squares, pixels = _pixel_moments(encoded)
+        pixel_count = tft.sum(pixels, name="pixel_count")
         mean, std = _mean_std(
             tft.sum(sums, reduce_instance_dims=False, name="pixel_sums"),
             tft.sum(squares, reduce_instance_dims=False, name="pixel_squares"),
-            tft.sum(pixels, name="pixel_count"),
-        )
-        images = tf.map_fn(
-            lambda data: ops.to_image(data, (height, width), resize, None, None),
-            encoded,
-            fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
-        )
-        outputs[TRANSFORMED_IMAGE_KEY] = normalize_pixels(
-            tf.cast(images, tf.float32), mean, std
+            pixel_count,
         )
 
         # TFT orders a vocabulary by frequency; reserving labels.txt's names keeps its
@@ -204,9 +186,7 @@ def make_preprocessing_fn(
 
         outputs[PIXEL_MEAN_KEY] = _broadcast(mean, batch)
         outputs[PIXEL_STD_KEY] = _broadcast(std, batch)
-        outputs[PIXEL_COUNT_KEY] = _broadcast(
-            tft.sum(pixels, name="pixel_total"), batch
-        )
+        outputs[PIXEL_COUNT_KEY] = _broadcast(pixel_count, batch)
         outputs[CLASS_COUNTS_KEY] = _broadcast(counts, batch)
         outputs[CLASS_WEIGHTS_KEY] = _broadcast(weights, batch)
         return outputs
@@ -327,8 +307,6 @@ def publish_analysis(
     output_root: str,
     info: dict,
     split: str,
-    image_size: Sequence[int],
-    resize: str,
     config: S3Config | None,
 ) -> dict:
     """Moves the transform output to the dataset, then writes ``analysis.json`` last.
@@ -357,8 +335,6 @@ def publish_analysis(
         "examples": info["splits"][split]["examples"],
         "labels": labels,
         "transform_fn": TRANSFORM_FN_DIR,
-        "image_size": [int(v) for v in image_size],
-        "resize": resize,
         "pixel_scale": "0..255",
         **{k: v for k, v in stats.items() if k != "vocabulary"},
         "source_image_stats": info.get("image_stats", {}),
@@ -386,10 +362,8 @@ class AnalyzeImages(beam.PTransform):
         dataset: the dataset prefix (``s3://`` or local); the output goes there too.
         info: its validated manifest (``tfdata_reader.load_info``).
         split: the split to analyze (``train``).
-        image_size: ``(height, width)`` of the transform's ``image`` output.
         temp_dir: a local directory for TFT's temporary files.
         config: S3 client settings.
-        resize: resize policy of the ``image`` output.
         batch_size: records per Arrow record batch.
 
     Returns:
@@ -401,20 +375,16 @@ class AnalyzeImages(beam.PTransform):
         dataset: str,
         info: dict,
         split: str,
-        image_size: Sequence[int],
         temp_dir: str,
         config: S3Config | None = None,
-        resize: str = "crop",
         batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
     ) -> None:
         super().__init__()
         self._dataset = dataset
         self._info = info
         self._split = split
-        self._image_size = tuple(image_size)
         self._temp_dir = temp_dir
         self._config = config
-        self._resize = resize
         self._batch_size = batch_size
 
     def expand(self, pbegin):
@@ -426,9 +396,7 @@ class AnalyzeImages(beam.PTransform):
             shards, self._info.get("compression", ""), self._config, self._batch_size
         )
         batches = pbegin | "ReadRecordBatches" >> read
-        preprocessing_fn = make_preprocessing_fn(
-            self._info["labels"], self._image_size, self._resize
-        )
+        preprocessing_fn = make_preprocessing_fn(self._info["labels"])
         with tft_beam.Context(temp_dir=os.path.join(self._temp_dir, "tft")):
             transform_fn = (
                 batches,
@@ -448,8 +416,6 @@ class AnalyzeImages(beam.PTransform):
                 self._dataset,
                 self._info,
                 self._split,
-                self._image_size,
-                self._resize,
                 self._config,
             )
         )
