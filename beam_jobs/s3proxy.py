@@ -27,6 +27,7 @@ import random
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -151,6 +152,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         if self._fault == "truncate" and len(payload) > 1:
+            proxy.count_injected("truncate")
             self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
             self._reset()
@@ -165,6 +167,12 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 256
     proxy: S3Proxy
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that goes away (killed, or done with a kept-alive connection) is
+        # normal here; anything else is a bug worth its traceback.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class S3Proxy:
@@ -243,7 +251,8 @@ class S3Proxy:
             roll = self._random.random()
             for kind, rate in self._faults.items():
                 if roll < rate:
-                    self.injected[kind] += 1
+                    if kind != "truncate":  # counted when a body is there to cut
+                        self.injected[kind] += 1
                     return kind
                 roll -= rate
         return None
@@ -270,6 +279,10 @@ class S3Proxy:
         """Waits until ``count`` requests are held; ``False`` on timeout."""
         with self._lock:
             return self._held.wait_for(lambda: self.held >= count, timeout_s)
+
+    def count_injected(self, kind: str) -> None:
+        with self._lock:
+            self.injected[kind] += 1
 
     def record(self, method: str, path: str, status: int) -> None:
         if self._record:

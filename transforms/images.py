@@ -199,6 +199,15 @@ def convert_image(
     rotated = orientation in (5, 6, 7, 8)
     source_width, source_height = image.size[::-1] if rotated else image.size
     target_width, target_height = resize.target(source_width, source_height)
+    # A tiny file of extreme aspect ratio (1 x 20,000) scaled to cover a box would need
+    # gigabytes before the crop: the pixel limit holds for that intermediate too.
+    if target_width * target_height > max_pixels:
+        raise ImageError(
+            "resize_too_large",
+            f"resizing {source_width}x{source_height} to {resize} needs an intermediate "
+            f"{target_width}x{target_height} image, above the limit of {max_pixels:,} "
+            "pixels (extreme aspect ratio)",
+        )
     try:
         if image.format == "JPEG" and resize.mode != "none":
             # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale when that still

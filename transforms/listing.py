@@ -32,8 +32,8 @@ def count_rejection(rejection: Rejection) -> Rejection:
 def _direct_object(rel: str, what: str) -> Rejection:
     if rel.endswith("/") or not rel:
         return Rejection(rel, "list", "directory_marker", "directory marker object, no data")
-    return Rejection(rel, "list", "no_class_folder", f"object directly under {what}: "
-                     "images must sit in a class folder, <class>/<file>")  # fmt: skip
+    return Rejection(storage.printable(rel), "list", "no_class_folder", f"object directly under "
+                     f"{what}: images must sit in a class folder, <class>/<file>")  # fmt: skip
 
 
 class _ListRootFn(beam.DoFn):
@@ -44,12 +44,24 @@ class _ListRootFn(beam.DoFn):
         self._split_from_dirs = split_from_dirs
         self._listed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "listed")
 
+    def _reject_folder(self, root: str, rel_folder: str):
+        """Rejects every object under a folder whose name is not UTF-8 (local input)."""
+        for rel, _size in storage.walk(storage.join(root, rel_folder), self._config):
+            self._listed.inc()
+            yield pvalue.TaggedOutput(
+                REJECTED,
+                Rejection(storage.printable(f"{rel_folder}/{rel}"), "list", "bad_name",
+                          "folder name is not valid UTF-8: rename the folder"),
+            )  # fmt: skip
+
     def process(self, root: str):
         tops = sorted(storage.list_level(root, self._config))
         for name, size in tops:
             if size is not None:
                 self._listed.inc()
                 yield pvalue.TaggedOutput(REJECTED, _direct_object(name, "the input root"))
+            elif not storage.is_utf8(name):
+                yield from self._reject_folder(root, name)
             elif not self._split_from_dirs:
                 yield name, "", name
             else:
@@ -63,6 +75,8 @@ class _ListRootFn(beam.DoFn):
                         yield pvalue.TaggedOutput(
                             REJECTED, _direct_object(rel, f"the split folder {name!r}")
                         )
+                    elif not storage.is_utf8(class_name):
+                        yield from self._reject_folder(root, rel)
                     else:
                         yield rel, name, class_name
 
@@ -80,7 +94,13 @@ class _ListFolderFn(beam.DoFn):
         for rel, size in storage.walk(storage.join(self._root, rel_folder), self._config):
             self._listed.inc()
             key = f"{rel_folder}/{rel}"
-            if not rel or rel.endswith("/"):
+            if not storage.is_utf8(key):
+                yield pvalue.TaggedOutput(
+                    REJECTED,
+                    Rejection(storage.printable(key), "list", "bad_name",
+                              "file name is not valid UTF-8: rename the file"),
+                )  # fmt: skip
+            elif not rel or rel.endswith("/"):
                 yield pvalue.TaggedOutput(REJECTED, _direct_object(key, ""))
             elif size == 0:
                 yield pvalue.TaggedOutput(

@@ -42,14 +42,6 @@ def num_shards(
     return max(1, min(wanted, examples))
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 class _AssignFn(beam.DoFn):
     """ImageRef -> (split, ShardItem), or a Rejection for unknown or invalid names."""
 
@@ -63,18 +55,13 @@ class _AssignFn(beam.DoFn):
         if labels is not self._labels:  # side inputs are the same object per bundle
             self._labels, self._index = labels, {n: i for i, n in enumerate(labels)}
         rejection = None
-        if not _utf8(ref.key):
-            rejection = ("bad_key", "key is not valid UTF-8")
-        elif not _utf8(ref.label):
-            rejection = ("bad_label_name", "class folder name is not valid UTF-8")
-        elif ref.label not in self._index:
+        if ref.label not in self._index:
             rejection = ("unknown_class", f"class {ref.label!r} is not in --labels_file")
         elif ref.split and not _SPLIT_NAME.fullmatch(ref.split):
             rejection = ("bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+")
         if rejection:
-            key = ref.key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             yield pvalue.TaggedOutput(
-                REJECTED, count_rejection(Rejection(key, "assign", *rejection))
+                REJECTED, count_rejection(Rejection(ref.key, "assign", *rejection))
             )
             return
         u, order = key_hash(self._salt, ref.key)

@@ -21,9 +21,11 @@ __all__ = [
     "Entry",
     "delete",
     "exists",
+    "is_utf8",
     "join",
     "list_files",
     "list_level",
+    "printable",
     "put_file",
     "read_bytes",
     "rename",
@@ -43,6 +45,25 @@ Entry = tuple[str, int]  # (name relative to the listed root, size in bytes)
 def join(root: str, name: str) -> str:
     """Joins a root URI or path and a relative ``/``-separated name with one slash."""
     return root.rstrip("/") + "/" + name
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name is valid UTF-8; local file names may hold other bytes, which
+    Python represents as surrogate escapes."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(name: str) -> str:
+    """A name fit for reports: bytes that are not UTF-8 become U+FFFD.
+
+    Beam's coders, JSON output and S3 keys all refuse surrogate escapes, so a local name
+    that is not UTF-8 is reported through this and never passed on as it is.
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _local(uri: str) -> str:
