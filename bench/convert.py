@@ -50,11 +50,14 @@ def compute_limit(root: str, settings: ConvertSettings) -> tuple[int, float]:
     return len(blobs), time.perf_counter() - start
 
 
-def run_job(args: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Runs the convert job in a subprocess; returns (seconds, peak RSS of its tree)."""
+def run_job(
+    args: list[str], env: dict | None = None, module: str = "beam_jobs.convert"
+) -> tuple[float, int]:
+    """Runs a job (the convert job by default) in a subprocess; returns (seconds, peak RSS
+    of its tree)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "beam_jobs.convert", *args],
+        [sys.executable, "-m", module, *args],
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -74,7 +77,7 @@ def run_job(args: list[str], env: dict | None = None) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     reader.join()
     if proc.returncode:
-        sys.exit(f"convert job failed:\n{stderr[0].decode()[-3000:]}")
+        sys.exit(f"{module} failed:\n{stderr[0].decode()[-3000:]}")
     return elapsed, peak
 
 

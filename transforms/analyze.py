@@ -84,8 +84,8 @@ RAW_FEATURE_SPEC = {
 _MIN_STD = 1e-3
 
 
-def _pixel_moments(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Per image: channel sums and sums of squares of the decoded pixels, and pixel count.
+def _pixel_moments(encoded: tf.Tensor) -> tf.Tensor:
+    """int64 ``(batch, 7)``: per image, channel sums and sums of squares, and pixel count.
 
     int64 throughout, so the dataset totals are exact whatever the image sizes or the
     order in which TFT combines batches.
@@ -97,21 +97,16 @@ def _pixel_moments(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]
             tf.io.decode_image(data, channels=3, expand_animations=False), tf.int64
         )
         shape = tf.shape(pixels, out_type=tf.int64)
-        return (
-            tf.reduce_sum(pixels, axis=[0, 1]),
-            tf.reduce_sum(pixels * pixels, axis=[0, 1]),
-            shape[0] * shape[1],
+        return tf.concat(
+            [
+                tf.reduce_sum(pixels, axis=[0, 1]),
+                tf.reduce_sum(pixels * pixels, axis=[0, 1]),
+                [shape[0] * shape[1]],
+            ],
+            axis=0,
         )
 
-    return tf.map_fn(
-        _one,
-        encoded,
-        fn_output_signature=(
-            tf.TensorSpec([3], tf.int64),
-            tf.TensorSpec([3], tf.int64),
-            tf.TensorSpec([], tf.int64),
-        ),
-    )
+    return tf.map_fn(_one, encoded, fn_output_signature=tf.TensorSpec([7], tf.int64))
 
 
 def _mean_std(
@@ -151,13 +146,22 @@ def make_preprocessing_fn(labels: Sequence[str]) -> Callable[[dict], dict]:
         # image bytes gets them.
         batch = tf.shape(encoded)[0]
 
-        sums, squares, pixels = _pixel_moments(encoded)
-        pixel_count = tft.sum(pixels, name="pixel_count")
-        mean, std = _mean_std(
-            tft.sum(sums, reduce_instance_dims=False, name="pixel_sums"),
-            tft.sum(squares, reduce_instance_dims=False, name="pixel_squares"),
-            pixel_count,
+        # One combiner for every exact total: each analyzer adds its own Beam stages
+        # and graph phase, and those dominate the job's fixed cost.
+        totals = tft.sum(
+            tf.concat(
+                [
+                    _pixel_moments(encoded),
+                    tf.one_hot(inputs[LABEL_KEY], num_classes, dtype=tf.int64),
+                ],
+                axis=1,
+            ),
+            reduce_instance_dims=False,
+            name="totals",
         )
+        pixel_count = totals[6]
+        mean, std = _mean_std(totals[0:3], totals[3:6], pixel_count)
+        counts = totals[7:]
 
         # TFT orders a vocabulary by frequency; reserving labels.txt's names keeps its
         # indices equal to image/class/label. A class text outside labels.txt would be
@@ -171,11 +175,6 @@ def make_preprocessing_fn(labels: Sequence[str]) -> Callable[[dict], dict]:
             inputs[LABEL_TEXT_KEY], vocabulary
         )
 
-        counts = tft.sum(
-            tf.one_hot(inputs[LABEL_KEY], num_classes, dtype=tf.int64),
-            reduce_instance_dims=False,
-            name="class_counts",
-        )
         counts_f = tf.cast(counts, tf.float64)
         # "balanced" weights: total / (classes * count); a class with no example gets 0.
         weights = tf.cast(
