@@ -220,7 +220,7 @@ def tree(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def bucket(s3_server, tree) -> str:
-    """A bucket: the tree under ``images/``, its fault-free conversion under ``ref/``."""
+    """A bucket: the tree under ``images/``, its fault-free conversion in ``ref/``."""
     name = f"rel-{os.getpid()}"
     s3.client().create_bucket(Bucket=name)
     put_tree(tree, name, "images/")
@@ -560,7 +560,7 @@ def test_odd_keys_and_images_are_converted_or_rejected_with_reasons(
     assert len(read) == info["splits"]["train"]["examples"]
 
 
-def test_names_that_are_not_utf8_are_rejected_not_fatal(tmp_path):
+def test_names_that_are_not_utf8_are_rejected_not_fatal(s3_bucket, tmp_path):
     src = tmp_path / "src"
     write_sample_tree(str(src), classes=("a", "b"), per_class=3, corrupt=False)
     jpeg = encode(photo_like(20, 20, np.random.default_rng(0)), "JPEG")
@@ -577,6 +577,14 @@ def test_names_that_are_not_utf8_are_rejected_not_fatal(tmp_path):
         "a/bad\ufffd.jpg": "bad_name",
     }
     assert info["labels"] == ["a", "b"] and info["counts"]["converted"] == 6
+
+    # The upload job reports them (no S3 key can hold such a name) and uploads the rest.
+    status, report = _run_upload(
+        ["--source", str(src), "--output", f"s3://{s3_bucket}/up/"], str(tmp_path / "r")
+    )
+    assert status == 1
+    assert [f["key"] for f in report["failed"]] == ["a/bad\ufffd.jpg", "caf\ufffd/"]
+    assert len(_objects(s3_bucket, "up/")) == 6
 
 
 def test_ten_thousand_objects_under_one_prefix_are_all_listed(s3_bucket):

@@ -33,7 +33,7 @@ import boto3.exceptions
 import botocore.exceptions
 from PIL import Image
 
-from transforms import s3
+from transforms import s3, storage
 from transforms.s3 import S3Config
 
 __all__ = [
@@ -173,6 +173,11 @@ def _walk(
         return
     for entry in entries:
         rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+        if not storage.is_utf8(entry.name):
+            # S3 keys are UTF-8: no key can mirror this name (a folder: nothing in it).
+            shown = storage.printable(rel) + ("/" if entry.is_dir() else "")
+            yield FileResult(shown, FAILED, 0, "name is not valid UTF-8: rename it")
+            continue
         try:
             st = os.stat(entry.path)
         except OSError as e:
