@@ -25,13 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 
 from beam_jobs import local_s3, sample_data
+from beam_jobs.upload import DEFAULT_CONCURRENCY
 from transforms import s3
 from transforms.s3 import S3Config
 
 CACHE = os.path.expanduser("~/.cache/s3tfr-bench")
 AWSCLI_VENV = os.path.join(CACHE, "awscli-venv")
 LATENCY_MS = 50
-SATURATION_THREADS = 64
+# The saturated rate is the best of these thread counts: a strong baseline whichever
+# count suits the machine.
+SATURATION_THREADS = (64, 128)
 # awscli's default multipart threshold; the job is given the same for a fair comparison.
 MULTIPART_MB = 8
 
@@ -91,7 +94,9 @@ def _timed(cmd: list[str], env: dict) -> float:
     result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
     elapsed = time.monotonic() - started
     if result.returncode != 0:
-        sys.exit(f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-2000:]}")
+        sys.exit(
+            f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-2000:]}"
+        )
     return elapsed
 
 
@@ -101,9 +106,13 @@ def _count(bucket: str, prefix: str, config: S3Config) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", type=int, default=2000, help="small JPEGs in the tree")
+    parser.add_argument(
+        "--small", type=int, default=2000, help="small JPEGs in the tree"
+    )
     parser.add_argument("--large", type=int, default=3, help="large files in the tree")
-    parser.add_argument("--large_mb", type=int, default=20, help="size of each large file")
+    parser.add_argument(
+        "--large_mb", type=int, default=20, help="size of each large file"
+    )
     args = parser.parse_args()
 
     aws = _awscli()
@@ -135,8 +144,16 @@ def main() -> None:
                 time.sleep(0.1)
         n = len(files)
         rows = []
-        t = _put_all(files, root, "bench", "saturated/", direct, SATURATION_THREADS)
-        rows.append((f"server saturated PUT rate (direct, {SATURATION_THREADS} threads)", t))
+        runs = {
+            threads: _put_all(
+                files, root, "bench", f"saturated-{threads}/", direct, threads
+            )
+            for threads in SATURATION_THREADS
+        }
+        threads = min(runs, key=runs.get)
+        rows.append(
+            (f"server saturated PUT rate (direct, {threads} threads)", runs[threads])
+        )
         t = _put_all(files, root, "bench", "saturated-proxy/", via_proxy, 128)
         rows.append(("saturated PUT rate through the 50 ms proxy (128 threads)", t))
         job = [
@@ -146,7 +163,9 @@ def main() -> None:
             f"--report={os.path.join(CACHE, 'report.json')}",
         ]  # fmt: skip
         job_time = _timed(job, env)
-        rows.append(("upload job (DirectRunner, 32 in flight)", job_time))
+        rows.append(
+            (f"upload job (DirectRunner, {DEFAULT_CONCURRENCY} in flight)", job_time)
+        )
         rerun_time = _timed(job, env)
         rows.append(("upload job, no-op rerun", rerun_time))
         aws_cmd = [
@@ -157,7 +176,8 @@ def main() -> None:
         rows.append(("aws s3 cp --recursive (awscli defaults)", aws_time))
         t = _put_all(files, root, "bench", "serial/", via_proxy, 1)
         rows.append(("serial boto3 put_object loop", t))
-        for prefix in ("saturated/", "saturated-proxy/", "job/", "awscli/", "serial/"):
+        prefixes = [f"saturated-{threads}/" for threads in SATURATION_THREADS]
+        for prefix in (*prefixes, "saturated-proxy/", "job/", "awscli/", "serial/"):
             got = _count("bench", prefix, direct)
             if got != n:
                 sys.exit(f"{prefix}: {got} objects, expected {n}")
@@ -171,7 +191,9 @@ def main() -> None:
         f" + {args.large} x {args.large_mb} MiB), {total_bytes / 1e6:,.1f} MB; "
         f"proxy latency {LATENCY_MS} ms; {os.cpu_count()} CPUs\n"
     )
-    print(f"| {'client':<58} | {'seconds':>8} | {'files/s':>8} | {'MB/s':>6} | vs job |")
+    print(
+        f"| {'client':<58} | {'seconds':>8} | {'files/s':>8} | {'MB/s':>6} | vs job |"
+    )
     print(f"|{'-' * 60}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|-------:|")
     for name, seconds in rows:
         files_per_s = n / seconds if "rerun" not in name else float("nan")

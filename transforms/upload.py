@@ -8,8 +8,8 @@ in flight from a thread pool.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import queue
 import sys
 import threading
 import time
@@ -116,7 +116,9 @@ class _UploadFn(beam.DoFn):
         self._pool.shutdown()
 
     def start_bundle(self) -> None:
-        self._pending: collections.deque = collections.deque()
+        # Futures land here as they finish, whatever order they were submitted in.
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
+        self._in_flight = 0
         self._retries = 0
         self._progress.set_totals(self._s.run_id, self._totals)
 
@@ -127,16 +129,20 @@ class _UploadFn(beam.DoFn):
             self._retries += 1
 
     def process(self, local: LocalFile):
-        self._pending.append(self._pool.submit(self._uploader.upload, local))
-        window = 4 * self._s.concurrency
-        while self._pending and (
-            len(self._pending) >= window or self._pending[0].done()
-        ):
-            yield self._finish(self._pending.popleft().result())
+        self._pool.submit(self._uploader.upload, local).add_done_callback(
+            self._finished.put
+        )
+        self._in_flight += 1
+        # Results leave as they finish, so a long upload (a big file goes first) never
+        # holds back the window; past the window, wait for the next one to finish.
+        while self._in_flight >= 4 * self._s.concurrency or not self._finished.empty():
+            self._in_flight -= 1
+            yield self._finish(self._finished.get().result())
 
     def finish_bundle(self):
-        while self._pending:
-            result = self._finish(self._pending.popleft().result())
+        while self._in_flight:
+            self._in_flight -= 1
+            result = self._finish(self._finished.get().result())
             yield WindowedValue(result, MIN_TIMESTAMP, [GlobalWindow()])
         with self._retries_lock:
             self._retried.inc(self._retries)
