@@ -1,0 +1,159 @@
+"""Analyze job cost next to the convert job's, on the same data, and its memory at N and 4N.
+
+    .venv/bin/python bench/analyze.py [--images 2000] [--workers 2]
+
+Generates ``--images`` photo-like 500x375 JPEGs (N, then 4N), converts them with the convert
+job (``--resize crop:224x224``, DirectRunner multi_processing, ``--workers`` workers) and
+analyzes the result with the analyze job, in-process (DirectRunner in_memory) and with
+``--workers`` worker processes. For every run: wall seconds, seconds per 1,000 images,
+CPU seconds of the whole process tree (the honest figure on a shared machine) and peak
+RSS of the tree. The analyze job reads only the train split, so its per-1,000 figures
+are per 1,000 train images.
+
+Besides the totals, the slope between N and 4N (marginal seconds per 1,000 images)
+separates the per-image cost from the fixed cost of starting TensorFlow Transform, which
+a tiny dataset's analysis shows on its own.
+
+Prints one table. Ratios are what matter: absolute rates depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from beam_jobs.sample_data import write_photo_tree
+from bench.convert import run_job
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(args: list[str], module: str) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of the job's process tree, peak RSS bytes)."""
+    cpu = _children_cpu()
+    seconds, rss = run_job(args, module=module)
+    return seconds, _children_cpu() - cpu, rss
+
+
+def _train_images(dataset: str) -> int:
+    with open(os.path.join(dataset, "dataset_info.json")) as f:
+        return json.load(f)["splits"]["train"]["examples"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000, help="N (also run at 4N)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument(
+        "--resize", default="crop:224x224", help="the convert job's resize"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    workers = [
+        "--direct_running_mode=multi_processing",
+        f"--direct_num_workers={args.workers}",
+    ]
+    rows = []  # (variant, images, wall, cpu, rss)
+    per_1000 = {}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_src, tiny_out = os.path.join(tmp, "tiny"), os.path.join(tmp, "tiny-out")
+        write_photo_tree(tiny_src, 20, seed=2)
+        run_job(["--input", tiny_src, "--output", tiny_out, "--resize", args.resize])
+        wall, cpu, rss = measure(["--dataset", tiny_out], "beam_jobs.analyze")
+        rows.append(
+            ("analyze, 20 images: fixed cost", _train_images(tiny_out), wall, cpu, rss)
+        )
+
+        for scale in (1, 4):
+            n = scale * args.images
+            src, out = (
+                os.path.join(tmp, f"src{scale}"),
+                os.path.join(tmp, f"out{scale}"),
+            )
+            source_bytes = write_photo_tree(src, n, seed=scale)
+            print(
+                f"generated {n} 500x375 JPEGs ({source_bytes / 1e6:.0f} MB)",
+                file=sys.stderr,
+            )
+            label = "N" if scale == 1 else "4N"
+            convert_args = [
+                "--input",
+                src,
+                "--output",
+                out,
+                "--resize",
+                args.resize,
+                *workers,
+            ]
+            wall, cpu, rss = measure(convert_args, "beam_jobs.convert")
+            rows.append(
+                (f"convert, {args.workers} workers, {label}", n, wall, cpu, rss)
+            )
+            per_1000[("convert", scale)] = (wall / n * 1000, cpu / n * 1000)
+            train = _train_images(out)
+            for name, extra in (
+                ("in-process", []),
+                (f"{args.workers} workers", workers),
+            ):
+                wall, cpu, rss = measure(
+                    ["--dataset", out, *extra], "beam_jobs.analyze"
+                )
+                rows.append((f"analyze, {name}, {label}", train, wall, cpu, rss))
+                per_1000[(name, scale)] = (
+                    wall / train * 1000,
+                    cpu / train * 1000,
+                    train,
+                    wall,
+                )
+                per_1000[(name, scale, "rss")] = rss
+
+    print(
+        f"\nanalyze benchmark: photo-like 500x375 JPEGs converted with --resize {args.resize}, "
+        f"N={args.images}, {os.cpu_count()} cores"
+    )
+    print(
+        "| variant | images | seconds | s / 1000 images | CPU s | CPU s / 1000 | peak RSS |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, count, wall, cpu, rss in rows:
+        print(
+            f"| {name} | {count} | {wall:.1f} | {wall / count * 1000:.2f} | {cpu:.1f} | "
+            f"{cpu / count * 1000:.2f} | {rss / 2**20:.0f} MB |"
+        )
+
+    print("\n| ratio (analyze / convert, per 1000 images) | wall | CPU | target |")
+    print("|---|---:|---:|---:|")
+    for name in ("in-process", f"{args.workers} workers"):
+        for scale, label in ((1, "N"), (4, "4N")):
+            a, c = per_1000[(name, scale)], per_1000[("convert", scale)]
+            print(
+                f"| {name}, {label} | {a[0] / c[0]:.2f} | {a[1] / c[1]:.2f} | <= 0.5 |"
+            )
+        # Marginal cost: the extra time per extra 1000 images between N and 4N.
+        a1, a4 = per_1000[(name, 1)], per_1000[(name, 4)]
+        slope = (a4[3] - a1[3]) / (a4[2] - a1[2]) * 1000
+        c1, c4 = per_1000[("convert", 1)], per_1000[("convert", 4)]
+        convert_slope = (c4[0] * 4 - c1[0]) / 3
+        print(
+            f"| {name}, marginal (N to 4N) | {slope / convert_slope:.2f} | | <= 0.5 |"
+        )
+    for name in ("in-process", f"{args.workers} workers"):
+        rss_n, rss_4n = per_1000[(name, 1, "rss")], per_1000[(name, 4, "rss")]
+        print(
+            f"| peak RSS analyze {name}, 4N / N | {rss_4n / rss_n:.2f} "
+            f"({rss_n / 2**20:.0f} -> {rss_4n / 2**20:.0f} MB) | | flat |"
+        )
+
+
+if __name__ == "__main__":
+    main()
