@@ -173,9 +173,10 @@ def runner_args(request) -> list[str]:
 
 
 def _objects(prefix: str) -> dict[str, bytes]:
+    """Every object under ``prefix``, recursively, by relative name."""
     return {
         name: storage.read_bytes(storage.join(prefix, name))
-        for name in storage.list_files(prefix)
+        for name, _ in storage.walk(prefix)
     }
 
 
@@ -236,26 +237,25 @@ def test_convert_identical_on_every_runner(sample, reference, runner_args, reque
 
 
 @pytest.mark.parametrize("runner_args", RUNNERS[:1] + RUNNERS[2:], indirect=True)
-def test_upload_on_runner(s3_server, tmp_path, runner_args, request):
+def test_upload_on_runner(s3_bucket, tmp_path, runner_args):
     src = tmp_path / "src"
     write_sample_tree(str(src), per_class=3, corrupt=False)
-    (src / "cat" / "big.bin").write_bytes(
-        os.urandom(int(1.5 * 2**20))
-    )  # goes multipart
-    prefix = f"upload-{request.node.callspec.id}/"
+    big = os.urandom(int(1.5 * 2**20))  # above --multipart_threshold_mb=1
+    (src / "cat" / "big.bin").write_bytes(big)
+    prefix = "images/"
     s3.put_bytes(
-        "runners",
+        s3_bucket,
         prefix + "bird/bird_0000.jpg",
         (src / "bird" / "bird_0000.jpg").read_bytes(),
     )
-    s3.put_bytes("runners", prefix + "dog/dog_0001.jpg", b"stale bytes of another size")
+    s3.put_bytes(s3_bucket, prefix + "dog/dog_0001.jpg", b"stale bytes of another size")
     local = {
         path.relative_to(src).as_posix(): path.read_bytes()
         for path in src.rglob("*")
         if path.is_file()
     }
     report = tmp_path / "report.json"
-    result = upload.run([f"--source={src}", f"--output=s3://runners/{prefix}",
+    result = upload.run([f"--source={src}", f"--output=s3://{s3_bucket}/{prefix}",
                          "--multipart_threshold_mb=1", f"--report={report}", *runner_args])  # fmt: skip
     sent = len(local) - 1  # bird_0000.jpg was already there, unchanged
     assert counters(result, UPLOAD_METRICS) == {
@@ -268,7 +268,7 @@ def test_upload_on_runner(s3_server, tmp_path, runner_args, request):
         "unchanged": 1,
         "uploaded": sent,
     }
-    assert _objects(f"s3://runners/{prefix}") == local
+    assert _objects(f"s3://{s3_bucket}/{prefix}") == local
 
 
 # ---------------------------------------------------------------- analyze
@@ -282,4 +282,3 @@ def test_analyze_on_runner(reference, runner_args, request):
     analyze.run(["--dataset", dataset, "--record_batch_size", "4", *runner_args])
     analysis = json.loads(storage.read_bytes(storage.join(dataset, "analysis.json")))
     _check_statistics(dataset, analysis)
-    assert analysis["image_size"] == [48, 48]
