@@ -14,6 +14,7 @@ __all__ = [
     "DatasetError",
     "ReaderStats",
     "ShardCache",
+    "load_analysis",
     "load_info",
     "make_dataset",
     "make_dataset_from_images",
@@ -27,6 +28,7 @@ _LAZY = {
     "ShardCache": "tfdata_reader.cache",
     "ReaderStats": "tfdata_reader.dataset",
     "Augment": "tfdata_reader.ops",
+    "load_analysis": "tfdata_reader.transform",
 }
 
 
