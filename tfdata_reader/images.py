@@ -23,7 +23,9 @@ __all__ = ["list_images", "make_dataset_from_images"]
 DEFAULT_CONCURRENCY = 32
 
 
-def list_images(uri: str, config: S3Config | None = None) -> tuple[list[str], list[int], list[str]]:
+def list_images(
+    uri: str, config: S3Config | None = None
+) -> tuple[list[str], list[int], list[str]]:
     """``(relative keys, label indices, class names)`` of the images under ``uri``, sorted."""
     keys = sorted(
         name
@@ -80,7 +82,11 @@ def make_dataset_from_images(
                 futures[i] = None
                 if i + window < len(keys):
                     futures.append(
-                        pool.submit(storage.read_bytes, storage.join(uri, keys[i + window]), config)
+                        pool.submit(
+                            storage.read_bytes,
+                            storage.join(uri, keys[i + window]),
+                            config,
+                        )
                     )
                 yield data, np.int64(labels[i])
 
@@ -92,7 +98,12 @@ def make_dataset_from_images(
         ),
     )
     ds = ds.map(
-        lambda data, label: (ops.to_image(data, image_size, resize, None, None), label),
+        # Whole-image decode: these files were never validated, and only a full decode
+        # notices a truncated one.
+        lambda data, label: (
+            ops.to_image(data, image_size, resize, None, None, partial=False),
+            label,
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
     ).ignore_errors(log_warning=True)
     ds = ds.batch(batch_size)
@@ -103,4 +114,6 @@ def make_dataset_from_images(
             label = tf.one_hot(label, len(classes), dtype=tf.float32)
         return images, label
 
-    return ds.map(_finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds.map(_finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE
+    )

@@ -37,36 +37,134 @@ class Augment:
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
 
 
-def _resize(image: tf.Tensor, size: Sequence[int], policy: str) -> tf.Tensor:
-    """Any-size uint8 image -> float32 ``size`` image in 0..255."""
-    height, width = size
+# DCT-domain scale factors libjpeg decodes at (an 8x8 block read as 4x4, 2x2 or 1x1).
+_JPEG_RATIOS = (1, 2, 4, 8)
+
+
+def _scale(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """uint8 image -> float32 ``size`` (int32[2]) in 0..255, antialiased when shrinking.
+
+    Area averaging (a box filter) when both sides shrink; bilinear otherwise. Same quality
+    as ``antialias=True`` (triangle filter) to within ~53 dB PSNR on photos, at a sixth of
+    its CPU time, which was two thirds of the reader's per-image cost.
+    """
+    shape = tf.shape(image)[:2]
+    return tf.cond(
+        tf.reduce_all(shape >= size),
+        lambda: tf.image.resize(image, size, method="area"),
+        lambda: tf.image.resize(image, size, method="bilinear"),
+    )
+
+
+def _decode_jpeg_window(encoded: tf.Tensor, window: tf.Tensor, size: Sequence[int]):
+    """Decodes only ``window`` (y, x, h, w) of a JPEG, at 1/2, 1/4 or 1/8 scale in the DCT
+    domain when the window is at least that many times ``size`` on both sides.
+
+    The result still has at least ``size`` pixels each way, so the resize after it only
+    shrinks by less than 2x (or enlarges, as it would have anyway).
+    """
+    factor = tf.minimum(window[2] // size[0], window[3] // size[1])
+    branch = tf.reduce_sum(tf.cast(factor >= tf.constant(_JPEG_RATIOS[1:]), tf.int32))
+
+    def decode(ratio):
+        # With ``ratio`` the crop window is given in the scaled image's coordinates.
+        return lambda: tf.io.decode_and_crop_jpeg(
+            encoded, window // ratio, channels=3, ratio=ratio
+        )
+
+    return tf.switch_case(branch, [decode(r) for r in _JPEG_RATIOS])
+
+
+def _decode_window(
+    encoded: tf.Tensor,
+    size: Sequence[int],
+    window_fn: Callable[[tf.Tensor], tf.Tensor],
+    partial: bool,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Encoded image -> (uint8 pixels of ``window_fn(shape)``, the stored ``(h, w)``).
+
+    ``window_fn`` maps the stored shape to a (y, x, h, w) window.
+
+    ``partial``: a JPEG's window is found from its header and only that window is decoded
+    (possibly DCT-scaled). That skips the rest of the file, so a JPEG truncated after the
+    window is not noticed: only for records the convert job has already decoded in full.
+    """
+
+    def whole():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        y, x, h, w = tf.unstack(window_fn(tf.shape(image)))
+        return image[y : y + h, x : x + w], tf.shape(image)[:2]
+
+    if not partial:
+        return whole()
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded)
+        return _decode_jpeg_window(encoded, window_fn(shape), size), shape[:2]
+
+    return tf.cond(tf.io.is_jpeg(encoded), jpeg, whole)
+
+
+def _resize(
+    encoded: tf.Tensor, size: Sequence[int], policy: str, partial: bool
+) -> tf.Tensor:
+    """Encoded image -> float32 ``size`` image in 0..255 by the resize policy."""
+    target = tf.constant(size, tf.int32)
+
+    def whole_image(shape):
+        return tf.stack([0, 0, shape[0], shape[1]])
+
     if policy == "stretch":
-        return tf.image.resize(image, size, antialias=True)
+        return _scale(_decode_window(encoded, size, whole_image, partial)[0], target)
+    hw = tf.cast(target, tf.float32)
     if policy == "pad":
-        return tf.image.resize_with_pad(tf.cast(image, tf.float32), height, width, antialias=True)
-    # crop: scale the shorter side to fit, then take the centre (the usual evaluation crop).
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = tf.reduce_max(tf.constant([height, width], tf.float32) / shape)
-    scaled = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    image = tf.image.resize(image, scaled, antialias=True)
-    return tf.image.resize_with_crop_or_pad(image, height, width)
+        # Fit inside ``size`` keeping the aspect ratio, then pad with zeros, centred.
+        image, shape = _decode_window(encoded, size, whole_image, partial)
+        # From the stored size, not the DCT-scaled one: the same fit for every decode.
+        shape = tf.cast(shape, tf.float32)
+        fit = tf.cast(
+            tf.maximum(tf.floor(shape * tf.reduce_min(hw / shape)), 1), tf.int32
+        )
+        fit = tf.minimum(fit, target)
+        offset = (target - fit) // 2
+        return tf.image.pad_to_bounding_box(
+            _scale(image, fit), offset[0], offset[1], size[0], size[1]
+        )
+
+    # crop: the largest centred window of the target's aspect ratio (the usual evaluation
+    # crop); decoding just that window skips the pixels that would be cropped away.
+    def centre(shape):
+        shape = tf.cast(shape[:2], tf.float32)
+        extent = tf.minimum(shape, tf.round(hw * tf.reduce_min(shape / hw)))
+        extent = tf.maximum(extent, 1)
+        begin = tf.floor((shape - extent) / 2)
+        return tf.cast(tf.concat([begin, extent], 0), tf.int32)
+
+    return _scale(_decode_window(encoded, size, centre, partial)[0], target)
 
 
 def _random_resized_crop(
-    image: tf.Tensor, size: Sequence[int], seed: tf.Tensor, aug: Augment
+    encoded: tf.Tensor,
+    size: Sequence[int],
+    seed: tf.Tensor,
+    aug: Augment,
+    partial: bool,
 ) -> tf.Tensor:
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seed,
-        min_object_covered=0.0,
-        aspect_ratio_range=aug.crop_aspect,
-        area_range=aug.crop_area,
-        max_attempts=10,
-        use_image_if_no_bounding_boxes=True,
-    )
-    crop = tf.slice(image, begin, crop_size)
-    return tf.image.resize(crop, size, antialias=True)
+    def window(shape):
+        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+            shape,
+            bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+            seed=seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=aug.crop_aspect,
+            area_range=aug.crop_area,
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        return tf.concat([begin[:2], crop_size[:2]], 0)
+
+    crop, _ = _decode_window(encoded, size, window, partial)
+    return _scale(crop, tf.constant(size, tf.int32))
 
 
 def to_image(
@@ -75,30 +173,36 @@ def to_image(
     policy: str,
     augment: Augment | None,
     seed: tf.Tensor | None,
+    partial: bool = True,
 ) -> tf.Tensor:
     """Encoded JPEG/PNG -> uint8 ``(height, width, 3)`` image, augmented when asked.
 
     Args:
         encoded: scalar string tensor with the encoded image.
         size: ``(height, width)``.
-        policy: ``"crop"`` (centre crop after an aspect-preserving resize), ``"pad"`` or
-            ``"stretch"``; used when there is no random resized crop.
+        policy: ``"crop"`` (the largest centred window of the output's aspect ratio,
+            resized), ``"pad"`` (fit inside, zero padding) or ``"stretch"``; used when
+            there is no random resized crop.
         augment: augmentation to apply, or ``None``.
         seed: ``int64[2]`` per-element seed for the stateless random ops.
+        partial: decode only the needed window of a JPEG, DCT-scaled when much larger
+            than ``size``. ``False`` decodes every image in full, so truncated files fail
+            (for raw files that nothing has validated yet).
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     if augment is None:
-        out = _resize(image, size, policy)
+        out = _resize(encoded, size, policy, partial)
     else:
         seeds = tf.random.experimental.stateless_split(seed, num=4)
         if augment.random_resized_crop:
-            out = _random_resized_crop(image, size, seeds[0], augment)
+            out = _random_resized_crop(encoded, size, seeds[0], augment, partial)
         else:
-            out = _resize(image, size, policy)
+            out = _resize(encoded, size, policy, partial)
         if augment.flip:
             out = tf.image.stateless_random_flip_left_right(out, seeds[1])
         if augment.brightness:
-            out = tf.image.stateless_random_brightness(out, augment.brightness * 255.0, seeds[2])
+            out = tf.image.stateless_random_brightness(
+                out, augment.brightness * 255.0, seeds[2]
+            )
         if augment.contrast:
             out = tf.image.stateless_random_contrast(
                 out, 1 - augment.contrast, 1 + augment.contrast, seeds[3]
@@ -108,10 +212,17 @@ def to_image(
     return tf.ensure_shape(out, [size[0], size[1], 3])
 
 
-Normalize = str | tuple[Sequence[float], Sequence[float]] | Callable[[tf.Tensor], tf.Tensor] | None
+Normalize = (
+    str
+    | tuple[Sequence[float], Sequence[float]]
+    | Callable[[tf.Tensor], tf.Tensor]
+    | None
+)
 
 
-def normalize_batch(images: tf.Tensor, normalize: Normalize, dtype: tf.DType) -> tf.Tensor:
+def normalize_batch(
+    images: tf.Tensor, normalize: Normalize, dtype: tf.DType
+) -> tf.Tensor:
     """uint8 images -> the requested dtype and scale.
 
     Args:
@@ -141,7 +252,9 @@ def check_options(policy: str, normalize: Normalize, dtype: tf.DType) -> None:
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"resize must be one of {RESIZE_POLICIES}, not {policy!r}")
     if dtype not in (tf.float32, tf.uint8, tf.float16, tf.bfloat16):
-        raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, not {dtype}")
+        raise ValueError(
+            f"dtype must be float32, float16, bfloat16 or uint8, not {dtype}"
+        )
     if normalize is None or callable(normalize) or normalize == "unit":
         return
     if not (isinstance(normalize, (tuple, list)) and len(normalize) == 2):
