@@ -47,7 +47,7 @@ _READ_CHUNK = 1 << 20
 # A shard with thousands of bad records would otherwise print thousands of lines.
 _MAX_PROBLEMS = 5
 _MAX_MESSAGE = 160
-# Raised through to s3.body_retries, which reads the shard again, rather than judged.
+# Raised through to s3.body_retries, which reads again, rather than judged.
 _TRANSIENT = (
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
@@ -128,12 +128,55 @@ class _Inflating(io.RawIOBase):
         return len(data)
 
 
+class _ResumingBody(io.RawIOBase):
+    """An S3 object's bytes, streamed; a body cut mid-stream is resumed with a ranged GET
+    from where it stopped, on the same object version (``If-Match`` its ETag).
+
+    Records already handed on from the stream cannot be taken back, so starting over (as
+    botocore's retries and ``s3.body_retries`` do) would duplicate them.
+    """
+
+    def __init__(self, bucket: str, key: str, config: S3Config | None) -> None:
+        self._bucket, self._key, self._config = bucket, key, config
+        self._position = 0
+        self._etag = ""
+        self._body = self._get()
+
+    def _get(self):
+        extra = {}
+        if self._etag:
+            extra = {"Range": f"bytes={self._position}-", "IfMatch": self._etag}
+        response = s3.client(self._config).get_object(
+            Bucket=self._bucket, Key=self._key, **extra
+        )
+        self._etag = self._etag or response["ETag"]
+        return response["Body"]
+
+    def _read(self, size: int) -> bytes:
+        if self._body is None:
+            self._body = self._get()
+        try:
+            return self._body.read(size)
+        except _TRANSIENT:
+            self._body = None  # the next attempt resumes at self._position
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = s3.body_retries(self._read, len(buffer))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+
 def _open(uri: str, config: S3Config | None) -> BinaryIO:
     """A streaming reader of a file or object (``storage.read_bytes`` reads it whole)."""
     if s3.is_s3(uri):
         bucket, key = s3.parse(uri)
         try:
-            return s3.client(config).get_object(Bucket=bucket, Key=key)["Body"]
+            return io.BufferedReader(_ResumingBody(bucket, key, config), _READ_CHUNK)
         except botocore.exceptions.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
