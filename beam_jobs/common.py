@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, S3Options
 
-from transforms.s3 import S3Config
+from transforms.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
 
 __all__ = [
     "UserError",
@@ -56,6 +57,11 @@ def pipeline_options(argv: Sequence[str] | None) -> PipelineOptions:
                 args[i] = f"--runner={path}"
             elif arg == alias and i and args[i - 1] == "--runner":
                 args[i] = path
+    # Beam builds its own S3 filesystem's client without a retry config, so botocore
+    # reads these instead (DESIGN.md, "Known traps"); processes a runner starts
+    # inherit them. A user's own settings win.
+    os.environ.setdefault("AWS_RETRY_MODE", "standard")
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
     return PipelineOptions(args)
 
 

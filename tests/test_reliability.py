@@ -33,6 +33,8 @@ import zlib
 import numpy as np
 import pytest
 import tensorflow as tf
+from apache_beam.io.aws.clients.s3 import boto3_client
+from apache_beam.options.pipeline_options import S3Options
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from PIL import Image
@@ -427,11 +429,18 @@ def test_failed_multipart_uploads_are_aborted(s3_bucket, s3_proxy, tmp_path):
 
 
 def test_clients_retry_explicitly_and_verify_https(s3_server, monkeypatch):
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_CA_BUNDLE"):
+    for name in (
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_CA_BUNDLE",
+        "AWS_RETRY_MODE",
+        "AWS_MAX_ATTEMPTS",
+    ):
         monkeypatch.delenv(name, raising=False)
-    # The jobs build their client from Beam's S3Options; the reader's is s3.client().
-    job = common.s3_config(common.pipeline_options(["--input", "s3://b/i/"]))
-    for client in (s3.client(job), s3.client()):
+    # The jobs build their client from Beam's S3Options; the reader's is s3.client();
+    # Beam's own S3 filesystem (ReadFromTFRecord on s3://) builds its own.
+    options = common.pipeline_options(["--input", "s3://b/i/"])
+    beam_fs = boto3_client.Client(options.view_as(S3Options)).client
+    for client in (s3.client(common.s3_config(options)), s3.client(), beam_fs):
         assert client.meta.config.retries["mode"] in ("standard", "adaptive")
         assert client.meta.config.retries["total_max_attempts"] >= 10
         assert client.meta.endpoint_url.startswith("https://")
