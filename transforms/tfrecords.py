@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
+import gc
 import gzip
 import hashlib
 import os
@@ -27,7 +29,7 @@ import google_crc32c
 from apache_beam import pvalue
 
 from tfdata_reader.manifest import SHARD_NAME_RE
-from transforms import storage
+from transforms import s3, storage
 from transforms.images import ConvertedImage, ImageError, Resize, convert_image
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.records import Rejection, ShardItem
@@ -40,6 +42,7 @@ __all__ = [
     "WriteShards",
     "encode_example",
     "example_bytes",
+    "frame_record",
     "shard_name",
 ]
 
@@ -72,7 +75,13 @@ class ConvertSettings:
         )
 
 
+# Most varints on the hot path (tags, short lengths, labels) are one byte.
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     value &= (1 << 64) - 1  # int64 wire format: negatives take ten bytes
     out = bytearray()
     while value > 0x7F:
@@ -101,8 +110,14 @@ def encode_example(features: dict[str, bytes | int]) -> bytes:
             feature = _field(1, _field(1, value))  # Feature.bytes_list.value
         else:
             feature = _field(3, _field(1, _varint(value)))  # Feature.int64_list (packed)
-        entries.append(_field(1, _field(1, key.encode()) + _field(2, feature)))
+        entries.append(_field(1, _map_key(key) + _field(2, feature)))
     return _field(1, b"".join(entries))  # Example.features.feature map
+
+
+@functools.lru_cache(maxsize=256)
+def _map_key(key: str) -> bytes:
+    """The encoded key field of a feature map entry: the same for every record."""
+    return _field(1, key.encode())
 
 
 def example_bytes(
@@ -129,6 +144,15 @@ def _masked_crc(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def frame_record(record: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC32C, the data, the data's masked CRC32C."""
+    length = struct.pack("<Q", len(record))
+    return b"".join(
+        (length, struct.pack("<I", _masked_crc(length)), record,
+         struct.pack("<I", _masked_crc(record)))
+    )  # fmt: skip
+
+
 class TFRecordFile:
     """Writes TFRecord framing (length, masked CRC32C, data, masked CRC32C) to a file.
 
@@ -145,9 +169,11 @@ class TFRecordFile:
         )
 
     def write(self, record: bytes) -> None:
-        length = struct.pack("<Q", len(record))
-        self._out.write(length + struct.pack("<I", _masked_crc(length)))
-        self._out.write(record + struct.pack("<I", _masked_crc(record)))
+        self.write_framed(frame_record(record))
+
+    def write_framed(self, framed: bytes) -> None:
+        """Writes a record already framed by :func:`frame_record`."""
+        self._out.write(framed)
 
     def close(self) -> None:
         if self._out is not self._raw:
@@ -194,6 +220,17 @@ class _Stats:
             acc[0], acc[1], acc[2] = min(acc[0], value), max(acc[1], value), acc[2] + value
 
 
+@functools.cache
+def _freeze_imports() -> None:
+    """Takes what a worker holds at its first shard out of the garbage collector's view.
+
+    Beam's imports leave ~200k long-lived objects in every worker process; each full
+    collection walks them all, and so does the one at interpreter exit, which took
+    ~0.7 s per worker, one worker after another, at the end of every job.
+    """
+    gc.freeze()
+
+
 class _WriteShardFn(beam.DoFn):
     """((split, bucket), [ShardItem]) -> shard info dict; Rejection per bad image."""
 
@@ -220,10 +257,14 @@ class _WriteShardFn(beam.DoFn):
         self._shards = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shards_written")
 
     def setup(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._gets)
+        _freeze_imports()
+        cores = os.cpu_count() or 1
         # Many GETs wait on the network at once, but only one decode per core runs, so
         # memory holds at most ``cores`` decoded images whatever the GET concurrency.
-        self._decode_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+        # Local reads do not wait: more threads than cores only contend for the GIL.
+        self._threads = self._gets if s3.is_s3(self._input) else cores
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
+        self._decode_slots = threading.BoundedSemaphore(cores)
 
     def teardown(self) -> None:
         self._pool.shutdown()
@@ -242,6 +283,12 @@ class _WriteShardFn(beam.DoFn):
         return self._names[(split, bucket)]
 
     def _fetch_convert(self, item: ShardItem):
+        """ShardItem -> (framed record, source size, image minus its bytes) or Rejection.
+
+        Everything per image happens here, on the pool's threads, so the thread that
+        writes the shard does one ``write`` per image and does not hold the GIL against
+        the decoders.
+        """
         uri = storage.join(self._input, item.key)
         try:
             data = storage.read_bytes(uri, self._config)
@@ -254,7 +301,9 @@ class _WriteShardFn(beam.DoFn):
                 image = self._settings.convert(data)
         except ImageError as e:
             return Rejection(item.key, "decode", e.code, str(e))
-        return image, len(data), hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data).hexdigest()
+        record = example_bytes(image, item.label, item.label_text, item.key, digest)
+        return frame_record(record), len(data), dataclasses.replace(image, encoded=b"")
 
     def process(self, group, all_groups: list):
         (split, bucket), items = group
@@ -265,14 +314,14 @@ class _WriteShardFn(beam.DoFn):
         os.close(fd)
         ordered = sorted(items)
         with TFRecordFile(tmp, self._compression) as writer:
-            for item, result in zip(
-                ordered, _in_order(self._pool, self._fetch_convert, ordered, 2 * self._gets)
-            ):
+            window = 2 * self._threads
+            results = _in_order(self._pool, self._fetch_convert, ordered, window)
+            for item, result in zip(ordered, results):
                 if isinstance(result, Rejection):
                     yield pvalue.TaggedOutput(REJECTED, count_rejection(result))
                     continue
-                image, size, digest = result
-                writer.write(example_bytes(image, item.label, item.label_text, item.key, digest))
+                framed, size, image = result
+                writer.write_framed(framed)
                 stats.add(item, image)
                 self._bytes_read.inc(size)
         info = {"split": split, "file": name, "examples": stats.examples}
