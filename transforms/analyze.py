@@ -290,7 +290,6 @@ def _statistics(output_dir: str, labels: list[str]) -> dict:
     counts = first(CLASS_COUNTS_KEY)
     weights = first(CLASS_WEIGHTS_KEY)
     return {
-        "vocabulary": vocabulary,
         # float32 values, written exactly (a float32 is exact as a JSON double).
         "pixel_mean": [float(v) for v in first(PIXEL_MEAN_KEY)],
         "pixel_std": [float(v) for v in first(PIXEL_STD_KEY)],
@@ -335,7 +334,7 @@ def publish_analysis(
         "labels": labels,
         "transform_fn": TRANSFORM_FN_DIR,
         "pixel_scale": "0..255",
-        **{k: v for k, v in stats.items() if k != "vocabulary"},
+        **stats,
         "source_image_stats": info.get("image_stats", {}),
     }
     storage.write_bytes(
