@@ -30,7 +30,10 @@ from transforms.s3 import S3Config
 __all__ = ["ShardCache", "default_cache_dir", "file_sha256"]
 
 DEFAULT_MAX_BYTES = 10 * 1024**3
-DEFAULT_WORKERS = 8
+# Shards downloading at once. The reader opens shards in order and waits for the first:
+# four at a time (each with its own ranged parts above ``part_bytes``) got the first
+# shard in 0.1 s where eight sharing the link took 0.5 s, and finished all 16 no later.
+DEFAULT_WORKERS = 4
 DEFAULT_PART_BYTES = 8 * 1024 * 1024
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _HASH_CHUNK = 4 * 1024 * 1024
