@@ -24,7 +24,11 @@ computed, and each bundle's counters returned beside its outputs.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import threading
+import uuid
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -48,12 +52,30 @@ __all__ = ["DaskRunner"]
 # The tag of the per-bundle metric updates in a ParDo's bag; no user output has it.
 _METRICS_TAG = "__dask_runner_metrics__"
 # Partitions per cluster thread after a Reshuffle: enough that uneven shards even out.
-_PARTITIONS_PER_THREAD = 4
+_PARTITIONS_PER_THREAD = 2
+
+
+# DoFns set up on this worker process and idle between bundles, by (run id, step label):
+# reused as Beam's own workers reuse them, so that setup() (a loaded TF graph, a client
+# pool) runs once per instance instead of once per partition.
+_IDLE_DOFNS: dict[tuple[str, str], list[beam.DoFn]] = collections.defaultdict(list)
+_IDLE_LOCK = threading.Lock()
+
+
+def _release_run(run_id: str) -> None:
+    """Tears down this worker's idle DoFns of one pipeline run (``client.run`` target)."""
+    with _IDLE_LOCK:
+        keys = [key for key in _IDLE_DOFNS if key[0] == run_id]
+        fns = [fn for key in keys for fn in _IDLE_DOFNS.pop(key)]
+    for fn in fns:
+        with contextlib.suppress(Exception):  # best effort, as Beam's teardown contract
+            fn.teardown()
 
 
 def _run_bundle(
     items,
     transform: beam.ParDo,
+    run_id: str,
     label: str,
     window_fn,
     side_views: list,
@@ -71,8 +93,12 @@ def _run_bundle(
         process_batch_yields_elements=False,
     )
     args, kwargs = transform.raw_side_inputs
+    with _IDLE_LOCK:
+        idle = _IDLE_DOFNS[(run_id, label)]
+        fn = idle.pop() if idle else None
+    fresh = fn is None
     invoker = DoFnInvoker.create_invoker(
-        DoFnSignature(transform.fn),
+        DoFnSignature(transform.fn if fresh else fn),
         handler,
         context=DoFnContext(label, state=None),
         side_inputs=[
@@ -94,16 +120,18 @@ def _run_bundle(
     statesampler.set_current_tracker(sampler)
     try:
         with sampler.scoped_state(label, "process", metrics_container=container):
-            invoker.invoke_setup()
+            if fresh:
+                invoker.invoke_setup()
             invoker.invoke_start_bundle()
             for item in items:
                 invoker.invoke_process(
                     transform_evaluator.get_windowed_value(item, window_fn)
                 )
             invoker.invoke_finish_bundle()
-            invoker.invoke_teardown()
     finally:
         statesampler.set_current_tracker(previous)
+    with _IDLE_LOCK:
+        _IDLE_DOFNS[(run_id, label)].append(transform.fn if fresh else fn)
     out = [
         (v.tag, v.value.value) if isinstance(v, beam.TaggedOutput) else (None, v.value)
         for v in receivers.values
@@ -120,6 +148,7 @@ def _concat(parts: list[list]) -> list:
 class _GraphBuilder(PipelineVisitor):
     """Builds one bag per PCollection; ParDo bags hold ``(tag, value)`` pairs."""
 
+    run_id: str
     partitions: int
     bag_kwargs: dict
     bags: dict = dataclasses.field(default_factory=dict)
@@ -150,6 +179,7 @@ class _GraphBuilder(PipelineVisitor):
             raw = in_bags[0].map_partitions(
                 _run_bundle,
                 transform,
+                self.run_id,
                 node.full_label,
                 window_fn,
                 side_views,
@@ -192,7 +222,10 @@ class _GraphBuilder(PipelineVisitor):
 class _Result(beam_dask.DaskRunnerResult):
     """Waits for every leaf, then folds the bundles' metric updates into DirectMetrics."""
 
-    def __init__(self, client, futures: list, metric_futures: list) -> None:
+    def __init__(
+        self, client, run_id: str, futures: list, metric_futures: list
+    ) -> None:
+        self._run_id = run_id
         self._metric_futures = metric_futures
         self._metrics: DirectMetrics | None = None
         super().__init__(client, futures + metric_futures)
@@ -207,6 +240,8 @@ class _Result(beam_dask.DaskRunnerResult):
                     self._metrics.commit_physical(None, update)
         finally:
             if self._state != beam.runners.runner.PipelineState.RUNNING:
+                with contextlib.suppress(Exception):  # workers may be gone already
+                    self.client.run(_release_run, self._run_id)
                 self.client.close()
         return state
 
@@ -230,9 +265,10 @@ class DaskRunner(beam_dask.DaskRunner):
         threads = sum(client.nthreads().values()) or 1
         partitions = bag_kwargs.get("npartitions") or _PARTITIONS_PER_THREAD * threads
         pipeline.replace_all(overrides.dask_overrides())
-        builder = _GraphBuilder(partitions, bag_kwargs)
+        run_id = uuid.uuid4().hex
+        builder = _GraphBuilder(run_id, partitions, bag_kwargs)
         pipeline.visit(builder)
         leaves, metric_bags = builder.leaves(), builder.metric_bags()
         # One compute call: steps shared by several leaves run once.
         futures = client.compute(leaves + metric_bags)
-        return _Result(client, futures[: len(leaves)], futures[len(leaves) :])
+        return _Result(client, run_id, futures[: len(leaves)], futures[len(leaves) :])
