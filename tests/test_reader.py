@@ -19,7 +19,7 @@ import tensorflow as tf
 import tfdata_reader
 from beam_jobs import convert, sample_data
 from beam_jobs.local_s3 import put_tree
-from tfdata_reader import DatasetError, ShardCache, load_info, make_dataset
+from tfdata_reader import DatasetError, ShardCache, load_info, make_dataset, ops
 from tfdata_reader.dataset import ReaderStats
 from transforms import s3
 from transforms.s3 import S3Config
@@ -69,7 +69,13 @@ def _plain(uri, split="train", **kwargs):
     """Unaugmented uint8 reading, so every example has one identity."""
     kwargs.setdefault("training", False)
     return make_dataset(
-        uri, split, batch_size=5, image_size=SIZE, dtype=tf.uint8, augment=False, **kwargs
+        uri,
+        split,
+        batch_size=5,
+        image_size=SIZE,
+        dtype=tf.uint8,
+        augment=False,
+        **kwargs,
     )
 
 
@@ -100,7 +106,9 @@ def test_load_info_validates_manifest(converted):
 def test_incomplete_dataset_is_refused(converted, s3_bucket):
     put_tree(converted, s3_bucket, "ds/")
     s3.client().delete_object(Bucket=s3_bucket, Key="ds/dataset_info.json")
-    with pytest.raises(DatasetError, match="no dataset_info.json under s3://.*convert job"):
+    with pytest.raises(
+        DatasetError, match="no dataset_info.json under s3://.*convert job"
+    ):
         make_dataset(f"s3://{s3_bucket}/ds")
     with pytest.raises(DatasetError, match="no split 'test'"):
         make_dataset(converted, "test")
@@ -120,7 +128,9 @@ def test_cache_names_cannot_escape(tmp_path):
 def test_every_example_once_from_s3(converted, s3_dataset, tmp_path):
     info = load_info(converted)
     local = _examples(_plain(converted))
-    remote = _examples(_plain(s3_dataset, shuffle=True, seed=3, cache_dir=str(tmp_path)))
+    remote = _examples(
+        _plain(s3_dataset, shuffle=True, seed=3, cache_dir=str(tmp_path))
+    )
     assert remote == local
     assert sum(remote.values()) == info["splits"]["train"]["examples"]
     by_label = collections.Counter()
@@ -129,12 +139,21 @@ def test_every_example_once_from_s3(converted, s3_dataset, tmp_path):
     assert by_label == info["splits"]["train"]["class_counts"]
 
 
-@pytest.mark.parametrize("split,workers", [("train", 2), ("train", 3), ("validation", 5)])
+@pytest.mark.parametrize(
+    "split,workers", [("train", 2), ("train", 3), ("validation", 5)]
+)
 def test_workers_see_each_example_once(converted, split, workers):
     whole = _examples(_plain(converted, split))
     parts = [
         _examples(
-            _plain(converted, split, num_workers=workers, worker_index=w, shuffle=True, seed=w)
+            _plain(
+                converted,
+                split,
+                num_workers=workers,
+                worker_index=w,
+                shuffle=True,
+                seed=w,
+            )
         )
         for w in range(workers)
     ]
@@ -154,12 +173,16 @@ def test_input_context_shards_like_worker_index(converted):
         dtype=tf.uint8,
         input_context=context,
     )
-    assert _examples(via_context) == _examples(_plain(converted, num_workers=2, worker_index=1))
+    assert _examples(via_context) == _examples(
+        _plain(converted, num_workers=2, worker_index=1)
+    )
 
 
 def test_seeded_runs_are_identical(converted):
     def run(seed):
-        ds = make_dataset(converted, batch_size=4, image_size=SIZE, training=True, seed=seed)
+        ds = make_dataset(
+            converted, batch_size=4, image_size=SIZE, training=True, seed=seed
+        )
         return [(x.numpy(), y.numpy()) for x, y in ds.take(3)]
 
     first, second, other = run(11), run(11), run(12)
@@ -196,7 +219,9 @@ def test_checkpoint_resumes_mid_epoch(converted, tmp_path):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
     # head + tail is one epoch: nothing repeated, nothing skipped (up to drop_remainder).
-    epoch = _examples((x, y) for x, y in head + [(tf.constant(a), tf.constant(b)) for a, b in tail])
+    epoch = _examples(
+        (x, y) for x, y in head + [(tf.constant(a), tf.constant(b)) for a, b in tail]
+    )
     whole = _examples(_plain(converted))
     assert not (epoch - whole) and sum(epoch.values()) == len(head + tail) * 3
     assert sum(whole.values()) - sum(epoch.values()) < 3
@@ -204,8 +229,12 @@ def test_checkpoint_resumes_mid_epoch(converted, tmp_path):
 
 def test_second_epoch_reads_from_cache(s3_dataset, s3_proxy, tmp_path):
     proxy = s3_proxy()
-    cache = ShardCache(str(tmp_path / "cache"), config=S3Config(s3_endpoint_url=proxy.endpoint))
-    ds = _plain(s3_dataset, cache=cache, config=S3Config(s3_endpoint_url=proxy.endpoint))
+    cache = ShardCache(
+        str(tmp_path / "cache"), config=S3Config(s3_endpoint_url=proxy.endpoint)
+    )
+    ds = _plain(
+        s3_dataset, cache=cache, config=S3Config(s3_endpoint_url=proxy.endpoint)
+    )
     first = _examples(ds)
     after_first = proxy.requests
     second = _examples(ds)
@@ -260,14 +289,18 @@ def _with_bad_record(converted, tmp_path) -> tuple[str, str]:
     records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
     example = tf.train.Example()
     example.ParseFromString(records[0])
-    example.features.feature["image/encoded"].bytes_list.value[0] = b"\xff\xd8not a jpeg"
+    example.features.feature["image/encoded"].bytes_list.value[0] = (
+        b"\xff\xd8not a jpeg"
+    )
     records.insert(1, example.SerializeToString())
     with tf.io.TFRecordWriter(path) as writer:
         for record in records:
             writer.write(record)
     with open(path, "rb") as f:
         data = f.read()
-    shard.update(examples=len(records), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    shard.update(
+        examples=len(records), bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
     info["splits"]["train"]["examples"] += 1
     with open(os.path.join(out, "dataset_info.json"), "w") as f:
         json.dump(info, f)
@@ -323,7 +356,66 @@ def test_normalisation_one_hot_and_keras_fit(converted):
     )
     model.compile("adam", tf.keras.losses.CategoricalCrossentropy(from_logits=True))
     history = model.fit(ds, epochs=2, verbose=0)
-    assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    assert (
+        len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
+    )
+
+
+def _reference_image(encoded, size, policy, window=None):
+    """Whole-image decode and antialiased resize: the straightforward, slow way."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    if window is not None:
+        y, x, h, w = window
+        return tf.image.resize(image[y : y + h, x : x + w], size, antialias=True)
+    if policy == "stretch":
+        return tf.image.resize(image, size, antialias=True)
+    if policy == "pad":
+        return tf.image.resize_with_pad(
+            tf.cast(image, tf.float32), *size, antialias=True
+        )
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scaled = tf.math.ceil(shape * tf.reduce_max(tf.constant(size, tf.float32) / shape))
+    image = tf.image.resize(image, tf.cast(scaled, tf.int32), antialias=True)
+    return tf.image.resize_with_crop_or_pad(image, *size)
+
+
+def _assert_close(got, want):
+    diff = np.abs(got.numpy().astype(float) - np.round(want.numpy()))
+    # Area vs triangle filter and DCT scaling differ by ~2 levels at most, more along hard
+    # edges; a misplaced window (a crop in the wrong coordinates, a wrong DCT scale) by
+    # tens of levels.
+    assert diff.mean() < 2.5 and (diff > 48).mean() < 0.02, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize(
+    "shape,fmt", [((375, 500), "JPEG"), ((1500, 2000), "JPEG"), ((375, 500), "PNG")]
+)
+def test_window_decode_matches_whole_image_decode(shape, fmt):
+    """Decoding only the needed window, DCT-scaled, gives the pixels a full decode does."""
+    rng = np.random.default_rng(1)
+    data = sample_data.encode(sample_data.photo_like(shape[1], shape[0], rng), fmt)
+    encoded = tf.constant(data)
+    augment = ops.Augment(flip=False, brightness=0, contrast=0)
+    for size in ((224, 224), (64, 96)):
+        for policy in ops.RESIZE_POLICIES:
+            got = ops.to_image(encoded, size, policy, None, None)
+            _assert_close(got, _reference_image(encoded, size, policy))
+        for j in range(3):
+            seed = tf.constant([9, j], tf.int64)
+            got = ops.to_image(encoded, size, "crop", augment, seed)
+            crop_seed = tf.random.experimental.stateless_split(seed, num=4)[0]
+            begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+                tf.constant([*shape, 3]),
+                bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+                seed=crop_seed,
+                min_object_covered=0.0,
+                aspect_ratio_range=augment.crop_aspect,
+                area_range=augment.crop_area,
+                max_attempts=10,
+                use_image_if_no_bounding_boxes=True,
+            )
+            window = [int(begin[0]), int(begin[1]), int(extent[0]), int(extent[1])]
+            _assert_close(got, _reference_image(encoded, size, None, window))
 
 
 def test_reader_imports_no_beam():
