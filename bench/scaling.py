@@ -1,0 +1,110 @@
+"""Convert throughput from 1 to 2 workers on DirectRunner multi_processing and DaskRunner.
+
+    .venv/bin/python bench/scaling.py [--images 4000] [--repeat 1]
+
+Generates ``--images`` photo-like 500x375 JPEGs (bench/convert.py's generator), then runs
+the convert job on local paths, ``--resize crop:224x224``, on the same data:
+
+- DirectRunner ``--direct_running_mode=multi_processing --direct_num_workers=1`` and ``=2``;
+- DaskRunner on a ``dask.distributed`` cluster on 127.0.0.1 with 1 and with 2 worker
+  processes of one thread each (the cluster is started before the job and not timed, as
+  a standing cluster would be).
+
+Each job runs in its own process (bench/convert.py's ``run_job``) and is timed from start
+to exit, fixed costs included. With ``--repeat`` > 1 every configuration runs that many
+times, interleaved, and the best time counts. Prints one table and the 1 -> 2 ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.convert import photo_tree, run_job
+
+RESIZE = "crop:224x224"
+TARGET = 1.7
+
+
+def direct_args(workers: int) -> list[str]:
+    return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+
+
+def run_dask(args: list[str], workers: int) -> float:
+    """The job on a fresh local cluster of ``workers`` one-thread processes; seconds."""
+    import distributed
+
+    with distributed.LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        seconds, _ = run_job(
+            [
+                *args,
+                "--runner=DaskRunner",
+                f"--dask_client_address={cluster.scheduler_address}",
+            ]
+        )
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--images", type=int, default=4000, help="images converted per run"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per configuration (best)"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configs = [("DirectRunner multi_processing", 1), ("DirectRunner multi_processing", 2),
+               ("DaskRunner", 1), ("DaskRunner", 2)]  # fmt: skip
+    best: dict[tuple[str, int], float] = {}
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "src")
+        source_bytes = photo_tree(
+            src, args.images, seed=0, processes=os.cpu_count() or 1
+        )
+        print(
+            f"generated {args.images} 500x375 JPEGs ({source_bytes / 1e6:.0f} MB)",
+            file=sys.stderr,
+        )
+        for _ in range(args.repeat):
+            for runner, workers in configs:
+                out = os.path.join(tmp, "out")
+                job = ["--input", src, "--output", out, "--resize", RESIZE]
+                if runner == "DaskRunner":
+                    seconds = run_dask(job, workers)
+                else:
+                    seconds, _ = run_job([*job, *direct_args(workers)])
+                shutil.rmtree(out)
+                print(f"{runner}, {workers} workers: {seconds:.1f} s", file=sys.stderr)
+                key = (runner, workers)
+                best[key] = min(best.get(key, seconds), seconds)
+
+    print(f"\nconvert scaling: {args.images} photo-like 500x375 JPEGs, local paths, "
+          f"--resize {RESIZE}, {os.cpu_count()} cores, load average {load:.1f} at start"
+          + (f", best of {args.repeat}" if args.repeat > 1 else ""))  # fmt: skip
+    print("| runner | workers | seconds | images/s |")
+    print("|---|---:|---:|---:|")
+    for (runner, workers), seconds in best.items():
+        print(f"| {runner} | {workers} | {seconds:.1f} | {args.images / seconds:.0f} |")
+    print("\n| runner | 1 -> 2 workers | target |")
+    print("|---|---:|---:|")
+    for runner in dict.fromkeys(r for r, _ in configs):
+        ratio = best[(runner, 1)] / best[(runner, 2)]
+        print(f"| {runner} | {ratio:.2f}x | >= {TARGET}x |")
+
+
+if __name__ == "__main__":
+    main()
