@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from beam_jobs import analyze, convert, upload
-from beam_jobs.common import counters
+from beam_jobs.common import counters, pipeline_options
 from beam_jobs.local_s3 import free_port, put_tree
 from beam_jobs.sample_data import write_sample_tree
 from tests.test_analyze import _check_statistics
@@ -199,6 +199,18 @@ def reference(sample) -> tuple[dict[str, bytes], dict[str, int]]:
 
 
 # ---------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--runner=DaskRunner"], ["--runner", "DaskRunner"],
+     ["--runner=apache_beam.runners.dask.dask_runner.DaskRunner"]],
+)  # fmt: skip
+def test_dask_runner_names_resolve_to_the_fixed_runner(argv):
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = pipeline_options(argv).view_as(StandardOptions).runner
+    assert runner == "beam_jobs.dask_runner.DaskRunner"
 
 
 def test_convert_reference_on_direct_in_memory(reference):
