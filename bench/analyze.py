@@ -58,12 +58,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    multi = f"{args.workers} workers"
     workers = [
         "--direct_running_mode=multi_processing",
         f"--direct_num_workers={args.workers}",
     ]
     rows = []  # (variant, images, wall, cpu, rss)
-    per_1000 = {}
+    runs = {}  # (job, scale) -> (wall, cpu, images, rss)
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny_src, tiny_out = os.path.join(tmp, "tiny"), os.path.join(tmp, "tiny-out")
@@ -74,7 +75,7 @@ def main() -> None:
             ("analyze, 20 images: fixed cost", _train_images(tiny_out), wall, cpu, rss)
         )
 
-        for scale in (1, 4):
+        for scale, label in ((1, "N"), (4, "4N")):
             n = scale * args.images
             src, out = (
                 os.path.join(tmp, f"src{scale}"),
@@ -85,8 +86,7 @@ def main() -> None:
                 f"generated {n} 500x375 JPEGs ({source_bytes / 1e6:.0f} MB)",
                 file=sys.stderr,
             )
-            label = "N" if scale == 1 else "4N"
-            convert_args = [
+            convert = [
                 "--input",
                 src,
                 "--output",
@@ -95,31 +95,20 @@ def main() -> None:
                 args.resize,
                 *workers,
             ]
-            wall, cpu, rss = measure(convert_args, "beam_jobs.convert")
-            rows.append(
-                (f"convert, {args.workers} workers, {label}", n, wall, cpu, rss)
-            )
-            per_1000[("convert", scale)] = (wall / n * 1000, cpu / n * 1000)
+            wall, cpu, rss = measure(convert, "beam_jobs.convert")
+            rows.append((f"convert, {multi}, {label}", n, wall, cpu, rss))
+            runs[("convert", scale)] = (wall, cpu, n, rss)
             train = _train_images(out)
-            for name, extra in (
-                ("in-process", []),
-                (f"{args.workers} workers", workers),
-            ):
+            for name, extra in (("in-process", []), (multi, workers)):
                 wall, cpu, rss = measure(
                     ["--dataset", out, *extra], "beam_jobs.analyze"
                 )
                 rows.append((f"analyze, {name}, {label}", train, wall, cpu, rss))
-                per_1000[(name, scale)] = (
-                    wall / train * 1000,
-                    cpu / train * 1000,
-                    train,
-                    wall,
-                )
-                per_1000[(name, scale, "rss")] = rss
+                runs[(name, scale)] = (wall, cpu, train, rss)
 
     print(
-        f"\nanalyze benchmark: photo-like 500x375 JPEGs converted with --resize {args.resize}, "
-        f"N={args.images}, {os.cpu_count()} cores"
+        f"\nanalyze benchmark: photo-like 500x375 JPEGs converted with --resize "
+        f"{args.resize}, N={args.images}, {os.cpu_count()} cores"
     )
     print(
         "| variant | images | seconds | s / 1000 images | CPU s | CPU s / 1000 | peak RSS |"
@@ -131,24 +120,29 @@ def main() -> None:
             f"{cpu / count * 1000:.2f} | {rss / 2**20:.0f} MB |"
         )
 
+    def per_image(run, column):
+        return run[column] / run[2]
+
+    def marginal(job, column):
+        # the extra cost per extra image between N and 4N: the fixed costs cancel out
+        (one, four) = runs[(job, 1)], runs[(job, 4)]
+        return (four[column] - one[column]) / (four[2] - one[2])
+
     print("\n| ratio (analyze / convert, per 1000 images) | wall | CPU | target |")
     print("|---|---:|---:|---:|")
-    for name in ("in-process", f"{args.workers} workers"):
+    for name in ("in-process", multi):
         for scale, label in ((1, "N"), (4, "4N")):
-            a, c = per_1000[(name, scale)], per_1000[("convert", scale)]
-            print(
-                f"| {name}, {label} | {a[0] / c[0]:.2f} | {a[1] / c[1]:.2f} | <= 0.5 |"
-            )
-        # Marginal cost: the extra time per extra 1000 images between N and 4N.
-        a1, a4 = per_1000[(name, 1)], per_1000[(name, 4)]
-        slope = (a4[3] - a1[3]) / (a4[2] - a1[2]) * 1000
-        c1, c4 = per_1000[("convert", 1)], per_1000[("convert", 4)]
-        convert_slope = (c4[0] * 4 - c1[0]) / 3
+            a, c = runs[(name, scale)], runs[("convert", scale)]
+            wall_ratio = per_image(a, 0) / per_image(c, 0)
+            cpu_ratio = per_image(a, 1) / per_image(c, 1)
+            print(f"| {name}, {label} | {wall_ratio:.2f} | {cpu_ratio:.2f} | <= 0.5 |")
+        wall_ratio = marginal(name, 0) / marginal("convert", 0)
+        cpu_ratio = marginal(name, 1) / marginal("convert", 1)
         print(
-            f"| {name}, marginal (N to 4N) | {slope / convert_slope:.2f} | | <= 0.5 |"
+            f"| {name}, marginal (N to 4N) | {wall_ratio:.2f} | {cpu_ratio:.2f} | <= 0.5 |"
         )
-    for name in ("in-process", f"{args.workers} workers"):
-        rss_n, rss_4n = per_1000[(name, 1, "rss")], per_1000[(name, 4, "rss")]
+    for name in ("in-process", multi):
+        rss_n, rss_4n = runs[(name, 1)][3], runs[(name, 4)][3]
         print(
             f"| peak RSS analyze {name}, 4N / N | {rss_4n / rss_n:.2f} "
             f"({rss_n / 2**20:.0f} -> {rss_4n / 2**20:.0f} MB) | | flat |"
