@@ -10,6 +10,12 @@ the convert job on local paths, ``--resize crop:224x224``, on the same data:
   processes of one thread each (the cluster is started before the job and not timed, as
   a standing cluster would be).
 
+Every configuration runs twice: on all cores, and confined to as many cores as it has
+workers (CPU affinity of the job and of the Dask cluster, which their processes inherit).
+A convert worker decodes on every core it may use, so one unconfined worker can already
+keep the machine busy; the confined runs show how the runner spreads work when each
+worker adds a core, as on a cluster.
+
 Each job runs in its own process (bench/convert.py's ``run_job``) and is timed from start
 to exit, fixed costs included. With ``--repeat`` > 1 every configuration runs that many
 times, interleaved, and the best time counts. Prints one table and the 1 -> 2 ratios.
@@ -18,6 +24,7 @@ times, interleaved, and the best time counts. Prints one table and the 1 -> 2 ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -29,6 +36,18 @@ from bench.convert import photo_tree, run_job
 
 RESIZE = "crop:224x224"
 TARGET = 1.7
+
+
+@contextlib.contextmanager
+def confined(cores: int | None):
+    """This process (and what it starts meanwhile) on its first ``cores`` cores."""
+    allowed = os.sched_getaffinity(0)
+    if cores:
+        os.sched_setaffinity(0, sorted(allowed)[:cores])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def direct_args(workers: int) -> list[str]:
@@ -66,9 +85,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    configs = [("DirectRunner multi_processing", 1), ("DirectRunner multi_processing", 2),
-               ("DaskRunner", 1), ("DaskRunner", 2)]  # fmt: skip
-    best: dict[tuple[str, int], float] = {}
+    runners = ("DirectRunner multi_processing", "DaskRunner")
+    configs = [(runner, workers, confine) for confine in (False, True) for runner in runners
+               for workers in (1, 2)]  # fmt: skip
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("needs at least 2 usable cores")
+    best: dict[tuple[str, int, bool], float] = {}
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "src")
@@ -80,30 +102,42 @@ def main() -> None:
             file=sys.stderr,
         )
         for _ in range(args.repeat):
-            for runner, workers in configs:
+            for runner, workers, confine in configs:
                 out = os.path.join(tmp, "out")
                 job = ["--input", src, "--output", out, "--resize", RESIZE]
-                if runner == "DaskRunner":
-                    seconds = run_dask(job, workers)
-                else:
-                    seconds, _ = run_job([*job, *direct_args(workers)])
+                with confined(workers if confine else None):
+                    if runner == "DaskRunner":
+                        seconds = run_dask(job, workers)
+                    else:
+                        seconds, _ = run_job([*job, *direct_args(workers)])
                 shutil.rmtree(out)
-                print(f"{runner}, {workers} workers: {seconds:.1f} s", file=sys.stderr)
-                key = (runner, workers)
+                print(f"{runner}, {workers} workers, {_cores(workers, confine)}: "
+                      f"{seconds:.1f} s", file=sys.stderr)  # fmt: skip
+                key = (runner, workers, confine)
                 best[key] = min(best.get(key, seconds), seconds)
 
     print(f"\nconvert scaling: {args.images} photo-like 500x375 JPEGs, local paths, "
           f"--resize {RESIZE}, {os.cpu_count()} cores, load average {load:.1f} at start"
           + (f", best of {args.repeat}" if args.repeat > 1 else ""))  # fmt: skip
-    print("| runner | workers | seconds | images/s |")
-    print("|---|---:|---:|---:|")
-    for (runner, workers), seconds in best.items():
-        print(f"| {runner} | {workers} | {seconds:.1f} | {args.images / seconds:.0f} |")
-    print("\n| runner | 1 -> 2 workers | target |")
-    print("|---|---:|---:|")
-    for runner in dict.fromkeys(r for r, _ in configs):
-        ratio = best[(runner, 1)] / best[(runner, 2)]
-        print(f"| {runner} | {ratio:.2f}x | >= {TARGET}x |")
+    print("| runner | workers | cores | seconds | images/s |")
+    print("|---|---:|---|---:|---:|")
+    for (runner, workers, confine), seconds in best.items():
+        print(f"| {runner} | {workers} | {_cores(workers, confine)} | {seconds:.1f} | "
+              f"{args.images / seconds:.0f} |")  # fmt: skip
+    print("\n| runner | cores | 1 -> 2 workers | target |")
+    print("|---|---|---:|---:|")
+    for confine in (False, True):
+        for runner in runners:
+            ratio = best[(runner, 1, confine)] / best[(runner, 2, confine)]
+            print(
+                f"| {runner} | {_cores(None, confine)} | {ratio:.2f}x | >= {TARGET}x |"
+            )
+
+
+def _cores(workers: int | None, confine: bool) -> str:
+    if not confine:
+        return "all"
+    return "one per worker" if workers is None else f"{workers} (one per worker)"
 
 
 if __name__ == "__main__":
