@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def main(argv=None) -> None:
     finally:
         proxy.terminate()
         server.terminate()
+        shutil.rmtree(work, ignore_errors=True)
     _print(args, size, rows)
 
 
