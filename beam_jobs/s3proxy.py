@@ -32,6 +32,10 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time
 
 __all__ = ["FAULTS", "S3Proxy"]
 
@@ -315,7 +319,7 @@ class S3Proxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> S3Proxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
