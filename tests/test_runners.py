@@ -33,14 +33,7 @@ from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_CLASS = 6  # 3 classes: 18 images plus one truncated JPEG
-CONVERT_ARGS = [
-    "--resize",
-    "crop:48x48",
-    "--num_shards",
-    "3",
-    "--validation_fraction",
-    "0.2",
-]
+CONVERT_ARGS = ["--resize", "crop:48x48", "--num_shards", "3", "--validation_fraction", "0.2"]  # fmt: skip
 START_TIMEOUT_S = 120
 
 
