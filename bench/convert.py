@@ -111,12 +111,8 @@ def compute_parallel(root: str, settings: ConvertSettings, processes: int):
     names = [name for name, _ in storage.walk(root)]
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_convert_share, args=(root, names[k::processes], settings, barrier, results)
-        )
-        for k in range(processes)
-    ]
+    shares = [(root, names[k::processes], settings, barrier, results) for k in range(processes)]
+    procs = [ctx.Process(target=_convert_share, args=share) for share in shares]
     for proc in procs:
         proc.start()
     spans = []
