@@ -111,8 +111,13 @@ def compute_parallel(root: str, settings: ConvertSettings, processes: int):
     names = [name for name, _ in storage.walk(root)]
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    shares = [(root, names[k::processes], settings, barrier, results) for k in range(processes)]
-    procs = [ctx.Process(target=_convert_share, args=share) for share in shares]
+    procs = [
+        ctx.Process(
+            target=_convert_share,
+            args=(root, names[k::processes], settings, barrier, results),
+        )
+        for k in range(processes)
+    ]
     for proc in procs:
         proc.start()
     spans = []
