@@ -52,7 +52,7 @@ __all__ = ["DaskRunner"]
 # The tag of the per-bundle metric updates in a ParDo's bag; no user output has it.
 _METRICS_TAG = "__dask_runner_metrics__"
 # Partitions per cluster thread after a Reshuffle: enough that uneven shards even out.
-_PARTITIONS_PER_THREAD = 2
+_PARTITIONS_PER_THREAD = 4
 
 
 # DoFns set up on this worker process and idle between bundles, by (run id, step label):
