@@ -56,15 +56,21 @@ def direct_args(workers: int) -> list[str]:
 
 def run_dask(args: list[str], workers: int) -> float:
     """The job on a fresh local cluster of ``workers`` one-thread processes; seconds."""
+    import dask
     import distributed
 
-    with distributed.LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
+    from beam_jobs.dask_runner import WORKER_CONFIG
+
+    with (
+        dask.config.set(WORKER_CONFIG),
+        distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster,
+    ):
         seconds, _ = run_job(
             [
                 *args,

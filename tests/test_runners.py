@@ -118,6 +118,12 @@ def dask_cluster(s3_server, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dask")
     env = _worker_env()
+    # The worker config docs/RUNNING_ON_CLUSTERS.md recommends (no malloc trimming).
+    (tmp / "config").mkdir()
+    (tmp / "config" / "distributed.yaml").write_text(
+        "distributed:\n  nanny:\n    pre-spawn-environ:\n      MALLOC_TRIM_THRESHOLD_: null\n"
+    )
+    env["DASK_CONFIG"] = str(tmp / "config")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [
@@ -134,6 +140,8 @@ def dask_cluster(s3_server, tmp_path_factory):
         )  # fmt: skip
         with distributed.Client(address, timeout=START_TIMEOUT_S) as client:
             client.wait_for_workers(2, timeout=START_TIMEOUT_S)
+            trim = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+            assert list(trim.values()) == [None, None], trim
         yield address
     finally:
         for proc in reversed(procs):
