@@ -24,6 +24,7 @@ setuptools.setup(
     install_requires=_requirements(),
     entry_points={
         "console_scripts": [
+            "s3tfr-analyze=beam_jobs.analyze:main",
             "s3tfr-convert=beam_jobs.convert:main",
             "s3tfr-inspect=beam_jobs.inspect:main",
             "s3tfr-upload=beam_jobs.upload:main",
