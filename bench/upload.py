@@ -203,10 +203,10 @@ def main() -> None:
             f"{seconds / job_time:5.2f}x |"
         )
     print(
-        f"\njob rate / saturated rate: {saturated / job_time:.0%} (target >= 80%)\n"
+        f"\njob rate / saturated rate: {saturated / job_time:.1%} (target >= 80%)\n"
         f"job speed-up over awscli: {aws_time / job_time:.2f}x (target >= 1.5x)\n"
         f"job speed-up over serial loop: {rows[-1][1] / job_time:.1f}x (target >= 10x)\n"
-        f"no-op rerun / first upload: {rerun_time / job_time:.0%} (target <= 10%)"
+        f"no-op rerun / first upload: {rerun_time / job_time:.1%} (target <= 10%)"
     )
 
 
