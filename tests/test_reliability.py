@@ -39,11 +39,12 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.models import s3_backends
 from PIL import Image
 
-from beam_jobs import analyze, common, convert, upload
+from beam_jobs import analyze, common, convert
 from beam_jobs.common import UserError
 from beam_jobs.local_s3 import put_tree
 from beam_jobs.s3proxy import FAULTS, S3Proxy
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
+from tests.test_upload import _main as _run_upload
 from tfdata_reader import DatasetError, ShardCache, make_dataset
 from transforms import s3, storage
 from transforms.s3 import S3Config
@@ -164,14 +165,6 @@ def _read_all(uri: str, tmp_path, config: S3Config | None = None, **cache) -> li
     ]
     shard_cache.close()
     return seen
-
-
-def _run_upload(args: list[str], report: str) -> tuple[int, dict]:
-    with pytest.raises(SystemExit) as exit_info:
-        upload.main([*args, f"--report={report}"])
-        raise SystemExit(0)
-    with open(report) as f:
-        return exit_info.value.code, json.load(f)
 
 
 def _upload_view(bucket: str, prefix: str) -> dict[str, bytes]:
