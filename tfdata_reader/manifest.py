@@ -167,25 +167,45 @@ def load_info(uri: str, config: S3Config | None = None) -> dict:
     Raises:
         DatasetError: when there is no manifest (an unfinished conversion) or it is invalid.
     """
-    path = storage.join(uri, DATASET_INFO)
+    info = read_json(
+        uri,
+        DATASET_INFO,
+        config,
+        missing="the convert job did not finish (or this is not a converted dataset); "
+        "rerun it, or point at the convert job's --output",
+        rerun="rerun the convert job to rewrite it",
+    )
+    return validate_info(info, uri)
+
+
+def read_json(
+    uri: str, name: str, config: S3Config | None, missing: str, rerun: str
+) -> object:
+    """Reads and parses the JSON document ``name`` under ``uri`` (not yet validated).
+
+    Args:
+        uri: the dataset prefix, ``s3://bucket/prefix`` or a local directory.
+        name: the document's file name (``dataset_info.json``, ``analysis.json``).
+        config: S3 client settings; ``None`` uses the standard AWS chain.
+        missing: what to tell the user when the document does not exist.
+        rerun: what to tell the user when it is not valid JSON.
+
+    Raises:
+        DatasetError: the document is missing, unreadable, too large or not JSON.
+    """
+    path = storage.join(uri, name)
     try:
         data = storage.read_bytes(path, config)
     except (FileNotFoundError, NotADirectoryError):
-        raise DatasetError(
-            f"no {DATASET_INFO} under {uri}: the convert job did not finish (or this is not "
-            "a converted dataset); rerun it, or point at the convert job's --output"
-        ) from None
+        raise DatasetError(f"no {name} under {uri}: {missing}") from None
     except PermissionError as e:
         raise DatasetError(f"cannot read {path}: {e}; check the credentials") from None
     if len(data) > _MAX_MANIFEST_BYTES:
         raise DatasetError(f"{path} is {len(data)} bytes: not a manifest")
     try:
-        info = json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(
-            f"{path} is not valid JSON ({e}); rerun the convert job to rewrite it"
-        ) from None
-    return validate_info(info, uri)
+        raise DatasetError(f"{path} is not valid JSON ({e}); {rerun}") from None
 
 
 def shard_uris(info: dict, uri: str, split: str) -> list[tuple[str, dict]]:

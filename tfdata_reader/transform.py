@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tfdata_reader.cache import default_cache_dir
-from tfdata_reader.manifest import DatasetError, load_info
+from tfdata_reader.manifest import DatasetError, load_info, read_json
 from transforms import s3, storage
 from transforms.s3 import S3Config
 
@@ -155,20 +155,14 @@ def load_analysis(
             invalid one, or one computed from shards the dataset no longer holds.
     """
     info = info if info is not None else load_info(uri, config)
-    path = storage.join(uri, ANALYSIS_FILE)
-    try:
-        data = storage.read_bytes(path, config)
-    except (FileNotFoundError, NotADirectoryError):
-        raise DatasetError(
-            f"no {ANALYSIS_FILE} under {uri}: the dataset has not been analyzed (or the "
-            f"analyze job did not finish); run python -m beam_jobs.analyze --dataset {uri}"
-        ) from None
-    try:
-        analysis = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(
-            f"{path} is not valid JSON ({e}); rerun the analyze job"
-        ) from None
+    analysis = read_json(
+        uri,
+        ANALYSIS_FILE,
+        config,
+        missing="the dataset has not been analyzed (or the analyze job did not finish); "
+        f"run python -m beam_jobs.analyze --dataset {uri}",
+        rerun="rerun the analyze job",
+    )
     return _validate(analysis, uri, info)
 
 

@@ -41,6 +41,7 @@ import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 
+from tfdata_reader.manifest import shard_uris
 from tfdata_reader.transform import (
     ANALYSIS_FILE,
     ANALYSIS_FORMAT_VERSION,
@@ -386,10 +387,7 @@ class AnalyzeImages(beam.PTransform):
         self._batch_size = batch_size
 
     def expand(self, pbegin):
-        shards = [
-            storage.join(self._dataset, s["file"])
-            for s in self._info["splits"][self._split]["shards"]
-        ]
+        shards = [uri for uri, _ in shard_uris(self._info, self._dataset, self._split)]
         read = ReadRecordBatches(
             shards, self._info.get("compression", ""), self._config, self._batch_size
         )
