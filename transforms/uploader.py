@@ -474,6 +474,7 @@ def plan(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     dry_run: bool = False,
+    on_first_upload: Callable[[], None] = lambda: None,
 ) -> Plan:
     """Lists the source tree and the destination and compares them.
 
@@ -488,6 +489,8 @@ def plan(
         include: globs on the relative path; when given, a file must match one.
         exclude: globs on the relative path; a matching file is left out.
         dry_run: answer every file without uploading.
+        on_first_upload: called once, as soon as a file is found that must be uploaded
+            (not in a dry run), while the rest of the plan goes on.
 
     Raises:
         botocore.exceptions.ClientError: the bucket is missing or not readable.
@@ -500,6 +503,12 @@ def plan(
         (items if isinstance(item, (LocalFile, FileResult)) else folders).append(item)
     done = Summary()
     to_upload = []
+
+    def must_upload(local: LocalFile) -> None:
+        if not to_upload and not dry_run:
+            on_first_upload()
+        to_upload.append(local)
+
     with concurrent.futures.ThreadPoolExecutor(PLAN_THREADS) as pool:
 
         def list_remote(folder: str) -> concurrent.futures.Future:
@@ -530,11 +539,11 @@ def plan(
                 if held is not None and held.size == local.size:
                     checks.append((local, pool.submit(uploader.unchanged, local, held)))
                 else:
-                    to_upload.append(local)
+                    must_upload(local)
         for local, check in checks:
             result = check.result()
             if result is None:
-                to_upload.append(local)
+                must_upload(local)
             else:
                 done.add(result)
     if dry_run:
