@@ -8,7 +8,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, S3Options
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    S3Options,
+    StandardOptions,
+)
 
 from transforms.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
 
@@ -48,8 +53,24 @@ def add_shared_argument(parser: argparse.ArgumentParser, flag: str, **kwargs) ->
         pass  # another job's options class defined it in this shared parser
 
 
-def pipeline_options(argv: Sequence[str] | None) -> PipelineOptions:
-    """Parses ``argv`` into PipelineOptions, resolving runner aliases."""
+# DirectRunner's own names for itself: the default runner.
+_DIRECT_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner")
+
+
+def pipeline_options(
+    argv: Sequence[str] | None, local_threads: bool = False
+) -> PipelineOptions:
+    """Parses ``argv`` into PipelineOptions, resolving runner aliases.
+
+    Args:
+        argv: the command line (``sys.argv[1:]`` when ``None``).
+        local_threads: on DirectRunner, when the user chose no ``--direct_running_mode``,
+            run one worker thread per core in this process (``multi_threading``). For
+            jobs whose per-element work releases the GIL (Pillow's decode, resize and
+            encode; network I/O), threads use every core without what worker processes
+            cost: seconds to start, each importing Beam, and a copy of every element
+            crossing a process boundary.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(args):
         for alias, path in RUNNER_ALIASES.items():
@@ -62,7 +83,22 @@ def pipeline_options(argv: Sequence[str] | None) -> PipelineOptions:
     # inherit them. A user's own settings win.
     os.environ.setdefault("AWS_RETRY_MODE", "standard")
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
-    return PipelineOptions(args)
+    options = PipelineOptions(args)
+    if (
+        local_threads
+        and options.view_as(StandardOptions).runner in _DIRECT_RUNNERS
+        and not _given(args, "--direct_running_mode")
+    ):
+        direct = options.view_as(DirectOptions)
+        direct.direct_running_mode = "multi_threading"
+        if not _given(args, "--direct_num_workers"):
+            direct.direct_num_workers = os.cpu_count() or 1
+    return options
+
+
+def _given(args: Sequence[str], flag: str) -> bool:
+    """Whether the command line sets ``flag`` (even to its default value)."""
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in args)
 
 
 def s3_config(options: PipelineOptions) -> S3Config:

@@ -225,7 +225,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     Raises:
         UserError: for input, output or option problems found before the pipeline starts.
     """
-    options = pipeline_options(argv)
+    options = pipeline_options(argv, local_threads=True)
     opts = options.view_as(ConvertOptions)
     _validate(opts)
     config = s3_config(options)
@@ -295,7 +295,9 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         # the sources: its labels must be known before its pipeline is built.
         from beam_jobs import analyze
 
-        analyze.analyze(opts.output, options)
+        # With the runner options as given: the worker threads chosen for converting
+        # images are not a choice for TensorFlow Transform's many small stages.
+        analyze.analyze(opts.output, pipeline_options(argv))
     return p.result
 
 

@@ -149,12 +149,16 @@ def dask_cluster(s3_server, tmp_path_factory):
 
 
 RUNNERS = ["direct_multi_processing", "portable_loopback", "portable_external", "dask"]
+# The convert job's default on DirectRunner: one worker thread per core.
+CONVERT_RUNNERS = [*RUNNERS, "direct_default"]
 
 
 @pytest.fixture
 def runner_args(request) -> list[str]:
     """The pipeline options that select the runner named by the test's parameter."""
     name = request.param
+    if name == "direct_default":
+        return []
     if name == "direct_multi_processing":
         return ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
     if name == "portable_loopback":
@@ -195,7 +199,9 @@ def sample(s3_server, tmp_path_factory) -> str:
 def reference(sample) -> tuple[dict[str, bytes], dict[str, int]]:
     """Convert on DirectRunner in_memory: the files and counters every runner must match."""
     out = "s3://runners/reference/"
-    result = convert.run(["--input", sample, "--output", out, *CONVERT_ARGS])
+    result = convert.run(
+        ["--input", sample, "--output", out, "--direct_running_mode=in_memory", *CONVERT_ARGS]
+    )
     return _objects(out), counters(result, CONVERT_METRICS)
 
 
@@ -212,6 +218,27 @@ def test_dask_runner_names_resolve_to_the_fixed_runner(argv):
 
     runner = pipeline_options(argv).view_as(StandardOptions).runner
     assert runner == "beam_jobs.dask_runner.DaskRunner"
+
+
+@pytest.mark.parametrize(
+    ("argv", "mode", "workers"),
+    [([], "multi_threading", os.cpu_count()),
+     (["--direct_num_workers=3"], "multi_threading", 3),
+     (["--direct_running_mode=in_memory"], "in_memory", 1),
+     (["--direct_running_mode=multi_processing"], "multi_processing", 1)],
+)  # fmt: skip
+def test_local_threads_only_when_no_running_mode_is_chosen(argv, mode, workers):
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    direct = pipeline_options(argv, local_threads=True).view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers) == (mode, workers)
+    assert pipeline_options(argv).view_as(DirectOptions).direct_running_mode == (
+        "in_memory" if mode == "multi_threading" else mode
+    )
+    dask = pipeline_options(["--runner=DaskRunner", *argv], local_threads=True)
+    assert dask.view_as(DirectOptions).direct_running_mode == (
+        "in_memory" if mode == "multi_threading" else mode
+    )
 
 
 def test_convert_reference_on_direct_in_memory(reference):
@@ -232,7 +259,7 @@ def test_convert_reference_on_direct_in_memory(reference):
     )
 
 
-@pytest.mark.parametrize("runner_args", RUNNERS, indirect=True)
+@pytest.mark.parametrize("runner_args", CONVERT_RUNNERS, indirect=True)
 def test_convert_identical_on_every_runner(sample, reference, runner_args, request):
     out = f"s3://runners/convert-{request.node.callspec.id}/"
     result = convert.run(

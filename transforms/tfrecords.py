@@ -220,6 +220,11 @@ class _Stats:
             acc[0], acc[1], acc[2] = min(acc[0], value), max(acc[1], value), acc[2] + value
 
 
+# One decode per core in this process, shared by every DoFn instance in it (worker
+# threads run one each): more only contend for the cores and hold more decoded images.
+_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+
 @functools.cache
 def _freeze_imports() -> None:
     """Takes what a worker holds at its first shard out of the garbage collector's view.
@@ -258,13 +263,12 @@ class _WriteShardFn(beam.DoFn):
 
     def setup(self) -> None:
         _freeze_imports()
-        cores = os.cpu_count() or 1
-        # Many GETs wait on the network at once, but only one decode per core runs, so
-        # memory holds at most ``cores`` decoded images whatever the GET concurrency.
-        # Local reads do not wait: more threads than cores only contend for the GIL.
-        self._threads = self._gets if s3.is_s3(self._input) else cores
+        # Many GETs wait on the network at once, but only one decode per core runs
+        # (_DECODE_SLOTS), so memory holds at most one decoded image per core whatever
+        # the GET concurrency. Local reads do not wait: more threads than cores only
+        # contend for the GIL.
+        self._threads = self._gets if s3.is_s3(self._input) else (os.cpu_count() or 1)
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
-        self._decode_slots = threading.BoundedSemaphore(cores)
 
     def teardown(self) -> None:
         self._pool.shutdown()
@@ -297,7 +301,7 @@ class _WriteShardFn(beam.DoFn):
         except PermissionError as e:
             return Rejection(item.key, "fetch", "unreadable", f"permission denied: {e}")
         try:
-            with self._decode_slots:
+            with _DECODE_SLOTS:
                 image = self._settings.convert(data)
         except ImageError as e:
             return Rejection(item.key, "decode", e.code, str(e))
