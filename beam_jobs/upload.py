@@ -18,9 +18,11 @@ bucket, bad option). Any Beam runner option works alongside (``--runner``,
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import os
 import sys
@@ -380,9 +382,19 @@ def _upload(argv: list[str] | None) -> int:
     return print_summary(report, time.monotonic() - started, opts.report)
 
 
+@functools.cache
+def _skip_final_collection() -> None:
+    """Leaves every object alive at exit (with Beam imported, hundreds of thousands)
+    out of the interpreter's last garbage collection, which took 0.3-0.4 s after the
+    job was done; the process's memory goes back to the system anyway. The other exit
+    handlers and the flushing of output streams still run."""
+    atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: exit status 0, 1 when some files failed, 2 for a set-up
     problem (one line on stderr)."""
+    _skip_final_collection()
     try:
         failed = _upload(argv)
     except (Exception, KeyboardInterrupt) as error:
