@@ -249,18 +249,8 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         if fixed_labels:
             labels = p | "FixedLabels" >> beam.Create([fixed_labels])
         else:
-            labels = (
-                listed["refs"]
-                | "LabelNames" >> beam.Map(lambda ref: ref.label)
-                | "DistinctLabels" >> beam.Distinct()
-                | "LabelList" >> beam.combiners.ToList()
-                | "SortLabels" >> beam.Map(sorted)
-            )
-        listed_count = (
-            (listed["refs"], listed["rejected"])
-            | "AllListed" >> beam.Flatten()
-            | "CountListed" >> beam.combiners.Count.Globally()
-        )
+            labels = listed["summary"] | "Labels" >> beam.Map(lambda summary: summary[1])
+        listed_count = listed["summary"] | "ListedCount" >> beam.Map(lambda s: s[0])
         estimate = functools.partial(
             estimated_encoded_bytes, settings.resize, settings.image_format
         )

@@ -115,6 +115,29 @@ class _ListFolderFn(beam.DoFn):
                 yield ImageRef(key, size, label, split)
 
 
+class _SummaryFn(beam.CombineFn):
+    """ImageRef or Rejection -> (objects listed, sorted class names of the references)."""
+
+    def create_accumulator(self) -> tuple[int, set[str]]:
+        return 0, set()
+
+    def add_input(self, acc, listed):
+        count, labels = acc
+        if isinstance(listed, ImageRef):
+            labels.add(listed.label)
+        return count + 1, labels
+
+    def merge_accumulators(self, accs):
+        count, labels = 0, set()
+        for c, names in accs:
+            count += c
+            labels |= names
+        return count, labels
+
+    def extract_output(self, acc) -> tuple[int, list[str]]:
+        return acc[0], sorted(acc[1])
+
+
 class ListImages(beam.PTransform):
     """Lists an input root into image references.
 
@@ -124,7 +147,9 @@ class ListImages(beam.PTransform):
         split_from_dirs: the root holds ``<split>/<class>/<file>``.
 
     Returns:
-        A dict: ``"refs"`` (``ImageRef``) and ``"rejected"`` (``Rejection``).
+        A dict: ``"refs"`` (``ImageRef``), ``"rejected"`` (``Rejection``), and
+        ``"summary"``: one element, (objects listed, sorted class names of the refs),
+        from one combine over the listing.
     """
 
     def __init__(
@@ -153,8 +178,14 @@ class ListImages(beam.PTransform):
                 REJECTED, main="refs"
             )
         )
-        rejected = (top[REJECTED], listed[REJECTED]) | "FlattenRejected" >> beam.Flatten()
-        return {
-            "refs": listed.refs,
-            "rejected": rejected | "CountRejected" >> beam.Map(count_rejection),
-        }
+        rejected = (
+            (top[REJECTED], listed[REJECTED])
+            | "FlattenRejected" >> beam.Flatten()
+            | "CountRejected" >> beam.Map(count_rejection)
+        )
+        summary = (
+            (listed.refs, rejected)
+            | "AllListed" >> beam.Flatten()
+            | "Summarize" >> beam.CombineGlobally(_SummaryFn())
+        )
+        return {"refs": listed.refs, "rejected": rejected, "summary": summary}

@@ -191,20 +191,19 @@ class WriteDatasetInfo(beam.PTransform):
         self._config = config
 
     def expand(self, inputs):
-        shards = inputs["shards"] | "ShardList" >> beam.combiners.ToList()
-        rejected = inputs["rejected"] | "RejectedList" >> beam.combiners.ToList()
         output, base, config = self._output, self._base, self._config
+
+        def commit(results: list, labels: list[str], listed: int) -> dict:
+            shards = [r for r in results if not isinstance(r, Rejection)]
+            rejected = [r for r in results if isinstance(r, Rejection)]
+            return commit_dataset(output, shards, rejected, labels, listed, base, config)
+
+        # One list of both (shard info dicts and rejections), so one combine: with no
+        # input at all it still holds one (empty) list, and the commit still runs.
         return (
-            shards.pipeline
-            | "CommitTrigger" >> beam.Create([None])
+            (inputs["shards"], inputs["rejected"])
+            | "AllResults" >> beam.Flatten()
+            | "ResultList" >> beam.combiners.ToList()
             | "Commit"
-            >> beam.Map(
-                lambda _, s, r, labels, listed: commit_dataset(
-                    output, s, r, labels, listed, base, config
-                ),
-                pvalue.AsSingleton(shards),
-                pvalue.AsSingleton(rejected),
-                pvalue.AsSingleton(self._labels),
-                pvalue.AsSingleton(self._listed),
-            )
+            >> beam.Map(commit, pvalue.AsSingleton(self._labels), pvalue.AsSingleton(self._listed))
         )
