@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from beam_jobs.common import counters
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
 from transforms import s3
 from transforms.upload import METRICS_NAMESPACE
-from transforms.uploader import content_type, selected
+from transforms.uploader import UploadSettings, content_type, plan, selected
 
 MIB = 1024 * 1024
 
@@ -46,8 +48,8 @@ def _image_tree(root: str, count: int, seed: int = 0) -> None:
             f.write(encode(photo_like(64, 48, rng), "JPEG", quality=90))
 
 
-def _report(tmp_path) -> dict:
-    with open(tmp_path / "report.json") as f:
+def _report(tmp_path, name: str = "report.json") -> dict:
+    with open(tmp_path / name) as f:
         return json.load(f)
 
 
@@ -122,6 +124,38 @@ def test_upload_mirrors_tree_rerun_skips_and_changed_files_reupload(s3_bucket, t
     assert third["files_uploaded"] == 3
     assert _report(tmp_path)["counts"] == {"unchanged": len(local) - 3, "uploaded": 3}
     assert _bucket_files(s3_bucket, "images/") == _tree_files(src)
+
+
+def test_beam_is_imported_only_when_a_file_must_upload(s3_bucket, tmp_path):
+    src = tmp_path / "src"
+    _image_tree(str(src), 6)
+    settings = UploadSettings(source=str(src), bucket=s3_bucket, prefix="p/")
+    calls = []
+    dry = plan(settings, dry_run=True, on_first_upload=lambda: calls.append(1))
+    assert len(dry.done.would_upload) == 6 and calls == []
+    assert len(plan(settings, on_first_upload=lambda: calls.append(1)).to_upload) == 6
+    assert calls == [1], "called once, when the first file to upload is found"
+
+    args = [f"--source={src}", f"--output=s3://{s3_bucket}/p/"]
+    upload.run([*args, f"--report={tmp_path / 'first.json'}"])
+    # A rerun with nothing to upload and a dry run, in a fresh interpreter: no Beam.
+    runs = [
+        [*args, f"--report={tmp_path / 'rerun.json'}"],
+        [f"--source={src}", f"--output=s3://{s3_bucket}/q/", "--dry_run"]
+        + [f"--report={tmp_path / 'dry.json'}"],
+    ]
+    script = (
+        "import json, sys\n"
+        "from beam_jobs import upload\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    assert upload.run(argv) is None\n"
+        "assert 'apache_beam' not in sys.modules, 'Beam was imported'\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", script, json.dumps(runs)]
+    subprocess.run(command, check=True, cwd=repo)
+    assert _report(tmp_path, "rerun.json")["counts"] == {"unchanged": 6}
+    assert len(_report(tmp_path, "dry.json")["would_upload"]) == 6
 
 
 def test_bad_inputs_are_reported_and_the_rest_upload(s3_bucket, tmp_path):
