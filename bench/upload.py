@@ -3,7 +3,9 @@ and the server's saturated PUT rate, in one run on one generated tree.
 
 Every client talks to the same local S3 server (moto, its own process) through the
 project's proxy adding 50 ms per request, as real S3 does, so concurrency matters.
-Prints one table with ratios.
+Prints one table with ratios, and the CPU seconds each run cost the client, the server
+and the proxy: on a small machine they share the cores, so a client's own CPU slows
+the server it waits for.
 
     .venv/bin/python bench/upload.py [--small 2000] [--large 3] [--large_mb 20]
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import resource
 import subprocess
 import sys
 import time
+from typing import Self
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -67,37 +71,68 @@ def _tree(root: str, small: int, large: int, large_mb: int) -> tuple[list[str], 
     return files, sum(os.path.getsize(f) for f in files)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Meter:
+    """Wall time and CPU seconds of one run: the client (this process's threads, or
+    the commands it waited for), the server and the proxy."""
+
+    def __init__(self, server: subprocess.Popen, proxy: subprocess.Popen) -> None:
+        self._pids = (server.pid, proxy.pid)
+
+    def __enter__(self) -> Self:
+        self._start = (
+            time.monotonic(),
+            time.process_time() + _children_cpu(),
+            *map(_cpu_seconds, self._pids),
+        )
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        end = (
+            time.monotonic(),
+            time.process_time() + _children_cpu(),
+            *map(_cpu_seconds, self._pids),
+        )
+        self.seconds, *self.cpu = (b - a for a, b in zip(self._start, end))
+
+
 def _start(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     return proc, proc.stdout.readline().strip()
 
 
-def _put_all(files, root, bucket, prefix, config, threads) -> float:
+def _put_all(files, root, bucket, prefix, config, threads) -> None:
     def put(path):
         with open(path, "rb") as f:
             data = f.read()
         key = prefix + os.path.relpath(path, root)
         s3.client(config).put_object(Bucket=bucket, Key=key, Body=data)
 
-    started = time.monotonic()
     if threads == 1:
         for path in files:
             put(path)
     else:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(pool.map(put, files))
-    return time.monotonic() - started
 
 
-def _timed(cmd: list[str], env: dict) -> float:
-    started = time.monotonic()
+def _run(cmd: list[str], env: dict) -> None:
     result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-    elapsed = time.monotonic() - started
     if result.returncode != 0:
         sys.exit(
             f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-2000:]}"
         )
-    return elapsed
 
 
 def _count(bucket: str, prefix: str, config: S3Config) -> int:
@@ -143,39 +178,49 @@ def main() -> None:
             except Exception:  # noqa: BLE001 - the server is still starting
                 time.sleep(0.1)
         n = len(files)
-        rows = []
-        runs = {
-            threads: _put_all(
-                files, root, "bench", f"saturated-{threads}/", direct, threads
-            )
-            for threads in SATURATION_THREADS
-        }
-        threads = min(runs, key=runs.get)
-        rows.append(
-            (f"server saturated PUT rate (direct, {threads} threads)", runs[threads])
-        )
-        t = _put_all(files, root, "bench", "saturated-proxy/", via_proxy, 128)
-        rows.append(("saturated PUT rate through the 50 ms proxy (128 threads)", t))
+        rows: dict[str, _Meter] = {}
+
+        def measured(name: str, work, *work_args) -> _Meter:
+            with _Meter(server, proxy) as meter:
+                work(*work_args)
+            rows[name] = meter
+            return meter
+
+        runs = {}
+        for threads in SATURATION_THREADS:
+            with _Meter(server, proxy) as runs[threads]:
+                _put_all(files, root, "bench", f"saturated-{threads}/", direct, threads)
+        threads = min(runs, key=lambda t: runs[t].seconds)
+        saturated = runs[threads]
+        rows[f"server saturated PUT rate (direct, {threads} threads)"] = saturated
+        measured(
+            "saturated PUT rate through the 50 ms proxy (128 threads)",
+            _put_all, files, root, "bench", "saturated-proxy/", via_proxy, 128,
+        )  # fmt: skip
         job = [
             sys.executable, "-m", "beam_jobs.upload", f"--source={root}", "--exclude=.*",
             "--output=s3://bench/job/", f"--s3_endpoint_url={proxy_url}",
             f"--multipart_threshold_mb={MULTIPART_MB}",
             f"--report={os.path.join(CACHE, 'report.json')}",
         ]  # fmt: skip
-        job_time = _timed(job, env)
-        rows.append(
-            (f"upload job (DirectRunner, {DEFAULT_CONCURRENCY} in flight)", job_time)
+        job_run = measured(
+            f"upload job (DirectRunner, {DEFAULT_CONCURRENCY} in flight)",
+            _run,
+            job,
+            env,
         )
-        rerun_time = _timed(job, env)
-        rows.append(("upload job, no-op rerun", rerun_time))
+        rerun = measured("upload job, no-op rerun", _run, job, env)
         aws_cmd = [
             aws, "s3", "cp", "--recursive", "--quiet", "--exclude", ".*", root,
             "s3://bench/awscli/", "--endpoint-url", proxy_url,
         ]  # fmt: skip
-        aws_time = _timed(aws_cmd, env)
-        rows.append(("aws s3 cp --recursive (awscli defaults)", aws_time))
-        t = _put_all(files, root, "bench", "serial/", via_proxy, 1)
-        rows.append(("serial boto3 put_object loop", t))
+        aws_run = measured(
+            "aws s3 cp --recursive (awscli defaults)", _run, aws_cmd, env
+        )
+        serial = measured(
+            "serial boto3 put_object loop",
+            _put_all, files, root, "bench", "serial/", via_proxy, 1,
+        )  # fmt: skip
         prefixes = [f"saturated-{threads}/" for threads in SATURATION_THREADS]
         for prefix in (*prefixes, "saturated-proxy/", "job/", "awscli/", "serial/"):
             got = _count("bench", prefix, direct)
@@ -185,28 +230,33 @@ def main() -> None:
         proxy.terminate()
         server.terminate()
 
-    saturated = rows[0][1]
+    job_time = job_run.seconds
     print(
         f"\n{n:,} files ({args.small:,} JPEGs of ~{(total_bytes - args.large * args.large_mb * 2**20) / max(args.small, 1) / 1024:.0f} KiB"
         f" + {args.large} x {args.large_mb} MiB), {total_bytes / 1e6:,.1f} MB; "
         f"proxy latency {LATENCY_MS} ms; {os.cpu_count()} CPUs\n"
     )
     print(
-        f"| {'client':<58} | {'seconds':>8} | {'files/s':>8} | {'MB/s':>6} | vs job |"
+        f"| {'client':<58} | {'seconds':>8} | {'files/s':>8} | {'MB/s':>6} | vs job "
+        "| CPU s: client / server / proxy |"
     )
-    print(f"|{'-' * 60}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|-------:|")
-    for name, seconds in rows:
+    print(f"|{'-' * 60}|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|-------:|{'-' * 31}:|")
+    for name, meter in rows.items():
+        seconds = meter.seconds
         files_per_s = n / seconds if "rerun" not in name else float("nan")
         mb_s = total_bytes / 1e6 / seconds if "rerun" not in name else float("nan")
+        cpu = " / ".join(f"{c:.1f}" for c in meter.cpu)
         print(
             f"| {name:<58} | {seconds:8.1f} | {files_per_s:8.0f} | {mb_s:6.1f} | "
-            f"{seconds / job_time:5.2f}x |"
+            f"{seconds / job_time:5.2f}x | {cpu:>30} |"
         )
     print(
-        f"\njob rate / saturated rate: {saturated / job_time:.1%} (target >= 80%)\n"
-        f"job speed-up over awscli: {aws_time / job_time:.2f}x (target >= 1.5x)\n"
-        f"job speed-up over serial loop: {rows[-1][1] / job_time:.1f}x (target >= 10x)\n"
-        f"no-op rerun / first upload: {rerun_time / job_time:.1%} (target <= 10%)"
+        f"\njob rate / saturated rate: {saturated.seconds / job_time:.1%} "
+        "(target >= 80%)\n"
+        f"job speed-up over awscli: {aws_run.seconds / job_time:.2f}x (target >= 1.5x)\n"
+        f"job speed-up over serial loop: {serial.seconds / job_time:.1f}x "
+        "(target >= 10x)\n"
+        f"no-op rerun / first upload: {rerun.seconds / job_time:.1%} (target <= 10%)"
     )
 
 
