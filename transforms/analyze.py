@@ -65,7 +65,6 @@ from transforms.s3 import S3Config
 from transforms.verify import iter_records
 
 __all__ = [
-    "DEFAULT_RECORD_BATCH_SIZE",
     "RAW_FEATURE_SPEC",
     "AnalyzeImages",
     "ReadRecordBatches",
@@ -74,7 +73,6 @@ __all__ = [
     "raw_schema",
 ]
 
-DEFAULT_RECORD_BATCH_SIZE = 128
 RAW_FEATURE_SPEC = {
     IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
     LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
@@ -219,9 +217,9 @@ class ReadRecordBatches(beam.PTransform):
     def __init__(
         self,
         shard_uris: Sequence[str],
-        compression: str = "",
-        config: S3Config | None = None,
-        batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
+        compression: str,
+        config: S3Config | None,
+        batch_size: int,
     ) -> None:
         super().__init__()
         self._uris = list(shard_uris)
@@ -375,8 +373,8 @@ class AnalyzeImages(beam.PTransform):
         info: dict,
         split: str,
         temp_dir: str,
-        config: S3Config | None = None,
-        batch_size: int = DEFAULT_RECORD_BATCH_SIZE,
+        config: S3Config | None,
+        batch_size: int,
     ) -> None:
         super().__init__()
         self._dataset = dataset
