@@ -53,6 +53,8 @@ STORAGE_CLASSES = (
     "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR",
 )  # fmt: skip
 _FAILURES_SHOWN = 20
+# Python's default is (700, 10, 10): see _tune_garbage_collector().
+_GC_THRESHOLD = (10_000, 10, 10)
 
 
 def _add_arguments(parser: argparse.ArgumentParser, add_shared) -> None:
@@ -383,18 +385,26 @@ def _upload(argv: list[str] | None) -> int:
 
 
 @functools.cache
-def _skip_final_collection() -> None:
-    """Leaves every object alive at exit (with Beam imported, hundreds of thousands)
-    out of the interpreter's last garbage collection, which took 0.3-0.4 s after the
-    job was done; the process's memory goes back to the system anyway. The other exit
-    handlers and the flushing of output streams still run."""
+def _tune_garbage_collector() -> None:
+    """Garbage collection for a process that imports Beam and then makes thousands of
+    requests.
+
+    At Python's default threshold (700 allocations) the collector walked Beam's objects
+    (hundreds of thousands, alive for the whole run) again and again while Beam was
+    imported and while files uploaded: 0.5-0.8 s of CPU in a 2,003-file upload, and
+    the import is on the way to the first upload. Young cycles are still collected,
+    every 10,000 allocations. At exit, every object alive is left out of the last
+    collection (0.3-0.4 s after the job was done): the process's memory goes back to
+    the system anyway, and the other exit handlers and stream flushing still run.
+    """
+    gc.set_threshold(*_GC_THRESHOLD)
     atexit.register(gc.freeze)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: exit status 0, 1 when some files failed, 2 for a set-up
     problem (one line on stderr)."""
-    _skip_final_collection()
+    _tune_garbage_collector()
     try:
         failed = _upload(argv)
     except (Exception, KeyboardInterrupt) as error:
