@@ -60,9 +60,11 @@ IN_MEMORY_MAX = 8 * 1024 * 1024
 # Threads that list folders and prefixes and compare checksums while planning: enough to
 # keep S3 requests (HEAD, listing pages) overlapping, while MD5 uses every core.
 PLAN_THREADS = 16
-# Same-size files are compared in batches of this many per task: one task per file
-# spent more CPU handing 16 threads the GIL than hashing small files.
-CHECK_BATCH = 64
+# Same-size files are compared in batches of up to this many files and bytes per task:
+# one task per small file spent more CPU handing 16 threads the GIL than hashing it,
+# while large files (an MD5 each, and a HEAD when multipart) still go in parallel.
+CHECK_BATCH_FILES = 64
+CHECK_BATCH_BYTES = 8 * 1024 * 1024
 # 5xx and throttling answers that botocore's retries already gave up on are worth one
 # more whole-object attempt later; anything else (AccessDenied, NoSuchBucket) is final.
 _TRANSIENT_CODES = {
@@ -459,6 +461,23 @@ class Summary:
         }
 
 
+def _batches(
+    pairs: list[tuple[LocalFile, RemoteObject]],
+) -> Iterator[list[tuple[LocalFile, RemoteObject]]]:
+    """Consecutive runs of ``pairs`` within the batch limits (a large file alone)."""
+    batch, size = [], 0
+    for local, held in pairs:
+        if batch and (
+            len(batch) == CHECK_BATCH_FILES or size + local.size > CHECK_BATCH_BYTES
+        ):
+            yield batch
+            batch, size = [], 0
+        batch.append((local, held))
+        size += local.size
+    if batch:
+        yield batch
+
+
 def _check_batch(
     uploader: Uploader, batch: list[tuple[LocalFile, RemoteObject]]
 ) -> list[tuple[LocalFile, FileResult | None]]:
@@ -551,8 +570,7 @@ def plan(
                     same_size.append((local, held))
                 else:
                     must_upload(local)
-            for start in range(0, len(same_size), CHECK_BATCH):
-                batch = same_size[start : start + CHECK_BATCH]
+            for batch in _batches(same_size):
                 checks.append(pool.submit(_check_batch, uploader, batch))
         for check in checks:
             for local, result in check.result():
