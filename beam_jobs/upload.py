@@ -9,10 +9,10 @@ same-size files by MD5); the Beam pipeline then uploads what is missing or chang
 rerun with nothing to upload, and a dry run, finish after the plan without starting a
 pipeline, so this module imports Beam only when a pipeline runs or a set-up error is
 reported; it starts importing Beam in a thread as soon as the plan finds a file to
-upload, so the import overlaps the rest of the plan. Exit status: 0 when every file is in place, 1 when some failed (the rest stay
-uploaded; rerun to finish), 2 for a problem found before starting (missing folder or
-bucket, bad option). Any Beam runner option works alongside (``--runner``,
-``--direct_num_workers``, ``--s3_endpoint_url`` …).
+upload, so the import overlaps the rest of the plan. Exit status: 0 when every file is
+in place, 1 when some failed (the rest stay uploaded; rerun to finish), 2 for a problem
+found before starting (missing folder or bucket, bad option). Any Beam runner option
+works alongside (``--runner``, ``--direct_num_workers``, ``--s3_endpoint_url`` …).
 """
 
 from __future__ import annotations
