@@ -3,16 +3,17 @@
     .venv/bin/python bench/analyze.py [--images 2000] [--workers 2]
 
 Generates ``--images`` photo-like 500x375 JPEGs (N, then 4N), converts them with the convert
-job (``--resize crop:224x224``, DirectRunner multi_processing, ``--workers`` workers) and
-analyzes the result with the analyze job, in-process (DirectRunner in_memory) and with
-``--workers`` worker processes. For every run: wall seconds, seconds per 1,000 images,
+job as it runs by default (``--resize crop:224x224``, DirectRunner, ``--workers`` worker
+threads) and analyzes the result with the analyze job as it runs by default (in-process,
+DirectRunner in_memory) and, for context, with ``--workers`` worker processes. For every run: wall seconds, seconds per 1,000 images,
 CPU seconds of the whole process tree (the honest figure on a shared machine) and peak
 RSS of the tree. The analyze job reads only the train split, so its per-1,000 figures
 are per 1,000 train images.
 
 Besides the totals, the slope between N and 4N (marginal seconds per 1,000 images)
 separates the per-image cost from the fixed cost of starting TensorFlow Transform, which
-a tiny dataset's analysis shows on its own.
+a tiny dataset's analysis shows on its own; from both, the dataset size from which the
+totals meet the target.
 
 Prints one table. Ratios are what matter: absolute rates depend on the machine.
 """
@@ -49,17 +50,55 @@ def _train_images(dataset: str) -> int:
         return json.load(f)["splits"]["train"]["examples"]
 
 
+def break_even(runs: dict, name: str, target: float = 0.5) -> str:
+    """From which source dataset size the analyze job's total wall time per 1,000 train
+    images is ``target`` times the convert job's per 1,000 images, by a straight line
+    through each job's N and 4N runs (fixed seconds + seconds per image)."""
+
+    def line(job):
+        (w1, _, n1, _), (w4, _, n4, _) = runs[(job, 1)], runs[(job, 4)]
+        slope = (w4 - w1) / (n4 - n1)
+        return w1 - slope * n1, slope
+
+    (fixed_a, per_a), (fixed_c, per_c) = line(name), line("convert")
+    train = (
+        runs[(name, 1)][2] / runs[("convert", 1)][2]
+    )  # train images per source image
+    head = (
+        f"fixed {fixed_a:.1f} s + {per_a * 1000:.2f} s per 1000 train images; convert "
+        f"fixed {fixed_c:.1f} s + {per_c * 1000:.2f} s per 1000 images"
+    )
+    if per_a <= 0 or per_c <= 0:
+        return (
+            f"{head}: N and 4N too close in time to fit a line (noise); use a larger N"
+        )
+    # analyze(n) / (train n) <= target * convert(n) / n, with n source images
+    if per_a >= target * per_c:
+        return f"{head}: the totals never reach {target}x"
+    n = (fixed_a - target * train * fixed_c) / (train * (target * per_c - per_a))
+    return f"{head}: the totals reach {target}x from about {max(n, 0):,.0f} images"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="N (also run at 4N)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="convert's threads, analyze's processes"
+    )
     parser.add_argument(
         "--resize", default="crop:224x224", help="the convert job's resize"
     )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    multi = f"{args.workers} workers"
-    workers = [
+    threads = f"{args.workers} threads"
+    multi = f"{args.workers} processes"
+    # each job's DirectRunner default: the convert job's workers are threads of one
+    # process, the analyze job runs in-process (in_memory)
+    convert_workers = [
+        "--direct_running_mode=multi_threading",
+        f"--direct_num_workers={args.workers}",
+    ]
+    processes = [
         "--direct_running_mode=multi_processing",
         f"--direct_num_workers={args.workers}",
     ]
@@ -93,13 +132,13 @@ def main() -> None:
                 out,
                 "--resize",
                 args.resize,
-                *workers,
+                *convert_workers,
             ]
             wall, cpu, rss = measure(convert, "beam_jobs.convert")
-            rows.append((f"convert, {multi}, {label}", n, wall, cpu, rss))
+            rows.append((f"convert, {threads}, {label}", n, wall, cpu, rss))
             runs[("convert", scale)] = (wall, cpu, n, rss)
             train = _train_images(out)
-            for name, extra in (("in-process", []), (multi, workers)):
+            for name, extra in (("in-process", []), (multi, processes)):
                 wall, cpu, rss = measure(
                     ["--dataset", out, *extra], "beam_jobs.analyze"
                 )
@@ -147,6 +186,9 @@ def main() -> None:
             f"| peak RSS analyze {name}, 4N / N | {rss_4n / rss_n:.2f} "
             f"({rss_n / 2**20:.0f} -> {rss_4n / 2**20:.0f} MB) | | flat |"
         )
+    print()
+    for name in ("in-process", multi):
+        print(f"- analyze {name}: {break_even(runs, name)}")
 
 
 if __name__ == "__main__":
