@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -234,3 +237,19 @@ def test_user_errors(tmp_path):
         analyze.run([])
     with pytest.raises(UserError, match="no dataset_info.json"):
         analyze.run(["--dataset", str(tmp_path)])
+    # In a fresh interpreter: a user's mistake is answered before TensorFlow's import.
+    script = (
+        "import sys\n"
+        "from beam_jobs import analyze\n"
+        "from beam_jobs.common import UserError\n"
+        "try:\n"
+        "    analyze.run(sys.argv[1:])\n"
+        "except UserError:\n"
+        "    pass\n"
+        "else:\n"
+        "    sys.exit('no UserError')\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-c", script, "--dataset", str(tmp_path)]
+    subprocess.run(command, check=True, cwd=repo)
