@@ -13,19 +13,19 @@ analyzable, so ``--help`` and a user's mistakes answer without their seconds of 
 
 from __future__ import annotations
 
-import gc
 import os
 import shutil
 import sys
 import tempfile
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs.common import (
     UserError,
     add_shared_argument,
     cli_main,
+    local_runner,
     pipeline_options,
     s3_config,
 )
@@ -37,8 +37,6 @@ __all__ = ["AnalyzeOptions", "analyze", "main", "run"]
 
 DEFAULT_SPLIT = "train"
 DEFAULT_RECORD_BATCH_SIZE = 128
-# Python's default is 700: see main().
-_GC_THRESHOLD = (10_000, 10, 10)
 
 
 class AnalyzeOptions(PipelineOptions):
@@ -61,33 +59,6 @@ class AnalyzeOptions(PipelineOptions):
             default=DEFAULT_RECORD_BATCH_SIZE,
             help="records per Arrow record batch fed to tensorflow-transform",
         )
-
-
-def _local_runner(options: PipelineOptions):
-    """Beam's FnApiRunner when the options leave the runner to Beam's DirectRunner.
-
-    The DirectRunner runs a pipeline like this one on the FnApiRunner (``in_memory``,
-    ``multi_threading`` or ``multi_processing``, as ``--direct_running_mode`` says), but
-    first offers it to the Prism runner, which converts TFT's ~500 transforms to a
-    portable pipeline and then needs a binary downloaded from GitHub: offline that costs
-    0.3 s of CPU for nothing, online it moves the job to an engine nothing here tests.
-    This builds the FnApiRunner as the DirectRunner does, workers' options included.
-
-    Returns:
-        The runner, or ``None`` when the options name another runner.
-    """
-    if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
-        return None
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    return fn_runner.FnApiRunner(
-        provision_info=fn_runner.ExtendedProvisionInfo(
-            beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
-        )
-    )
 
 
 def analyze(
@@ -126,7 +97,7 @@ def analyze(
     # TFT writes its SavedModels with tf.io, which needs a local (or TF-supported) path.
     temp_dir = tempfile.mkdtemp(prefix="s3tfr-analyze-")
     try:
-        with beam.Pipeline(runner=_local_runner(options), options=options) as p:
+        with beam.Pipeline(runner=local_runner(options), options=options) as p:
             _ = p | "AnalyzeImages" >> AnalyzeImages(
                 dataset,
                 info,
@@ -159,12 +130,6 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Importing TensorFlow, tensorflow-transform and Beam leaves ~1M objects alive for
-    # the whole run; at Python's default threshold the collector walks them again some
-    # 1,200 times, 1 s of CPU in a 5 s analysis. Young cycles are still collected, every
-    # 10,000 allocations instead of 700.
-    gc.set_threshold(*_GC_THRESHOLD)
-
     def _job(args):
         run(args)
         opts = pipeline_options(args).view_as(AnalyzeOptions)

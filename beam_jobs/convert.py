@@ -11,7 +11,6 @@ Any Beam runner option works alongside (``--runner``, ``--direct_num_workers``,
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from beam_jobs.common import (
     add_shared_argument,
     cli_main,
     counters,
+    local_runner,
     pipeline_options,
     s3_config,
 )
@@ -244,7 +244,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     }
     print(f"[convert] listing {opts.input} …", file=sys.stderr, flush=True)
 
-    with beam.Pipeline(options=options) as p:
+    with beam.Pipeline(runner=local_runner(options), options=options) as p:
         listed = p | "ListImages" >> ListImages(opts.input, config, opts.split_from_dirs)
         if fixed_labels:
             labels = p | "FixedLabels" >> beam.Create([fixed_labels])
@@ -319,10 +319,6 @@ def print_summary(output: str, result, config: S3Config | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # The ~200k objects Beam's imports create live as long as the process: frozen, they
-    # are not walked by every later full collection nor by the one at exit (~1 s).
-    gc.freeze()
-
     def _job(args):
         result = run(args)
         opts = pipeline_options(args).view_as(ConvertOptions)
