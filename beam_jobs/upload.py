@@ -18,11 +18,9 @@ works alongside (``--runner``, ``--direct_num_workers``, ``--s3_endpoint_url`` â
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import functools
-import gc
 import json
 import os
 import sys
@@ -33,6 +31,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import botocore.exceptions
 
+from beam_jobs.common import UserError, cli_main, tune_garbage_collector
 from transforms import s3, storage, uploader
 from transforms.s3 import S3Config
 from transforms.uploader import Plan, UploadSettings
@@ -53,8 +52,6 @@ STORAGE_CLASSES = (
     "GLACIER", "DEEP_ARCHIVE", "GLACIER_IR",
 )  # fmt: skip
 _FAILURES_SHOWN = 20
-# Python's default is (700, 10, 10): see _tune_garbage_collector().
-_GC_THRESHOLD = (10_000, 10, 10)
 
 
 def _add_arguments(parser: argparse.ArgumentParser, add_shared) -> None:
@@ -131,10 +128,7 @@ def _options_class() -> type:
 
 
 def _user_error(message: str) -> Exception:
-    """A set-up problem: one line and exit status 2 through ``cli_main``. Its module
-    imports Beam, so it is imported on this error path only."""
-    from beam_jobs.common import UserError
-
+    """A set-up problem: one line and exit status 2 through ``cli_main``."""
     return UserError(message)
 
 
@@ -258,7 +252,6 @@ def _import_pipeline_modules() -> None:
     with contextlib.suppress(Exception):
         import apache_beam  # noqa: F401
 
-        import beam_jobs.common  # noqa: F401
         import transforms.upload  # noqa: F401
 
 
@@ -311,11 +304,12 @@ def _run_pipeline(job: _Job) -> PipelineResult:
     job.beam_import.join()
     import apache_beam as beam
 
-    from beam_jobs.common import pipeline_options
+    from beam_jobs.common import local_runner, pipeline_options
     from transforms.upload import Summarize, UploadFiles
 
     _options_class()  # Beam's parser then knows this job's flags
-    with beam.Pipeline(options=pipeline_options(job.args)) as p:
+    options = pipeline_options(job.args)
+    with beam.Pipeline(runner=local_runner(options), options=options) as p:
         _ = (
             p
             # Create keeps the plan's order on DirectRunner: largest files start first.
@@ -384,32 +378,13 @@ def _upload(argv: list[str] | None) -> int:
     return print_summary(report, time.monotonic() - started, opts.report)
 
 
-@functools.cache
-def _tune_garbage_collector() -> None:
-    """Garbage collection for a process that imports Beam and then makes thousands of
-    requests.
-
-    At Python's default threshold (700 allocations) the collector walked Beam's objects
-    (hundreds of thousands, alive for the whole run) again and again while Beam was
-    imported and while files uploaded: 0.5-0.8 s of CPU in a 2,003-file upload, and
-    the import is on the way to the first upload. Young cycles are still collected,
-    every 10,000 allocations. At exit, every object alive is left out of the last
-    collection (0.3-0.4 s after the job was done): the process's memory goes back to
-    the system anyway, and the other exit handlers and stream flushing still run.
-    """
-    gc.set_threshold(*_GC_THRESHOLD)
-    atexit.register(gc.freeze)
-
-
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: exit status 0, 1 when some files failed, 2 for a set-up
     problem (one line on stderr)."""
-    _tune_garbage_collector()
+    tune_garbage_collector()
     try:
         failed = _upload(argv)
     except (Exception, KeyboardInterrupt) as error:
-        from beam_jobs.common import cli_main
-
         # Exits with status 2 (UserError) or 130 (Ctrl-C); anything else propagates.
         cli_main("upload", functools.partial(_raise, error))
         raise
