@@ -18,8 +18,7 @@ Beam 2.77's ``apache_beam.runners.dask.dask_runner.DaskRunner`` translates a pip
 This subclass keeps Beam's translation of Create, GroupByKey and Flatten and its DoFn
 invoker and builds the graph itself: one bag per PCollection (a multi-output ParDo's bag
 holds ``(tag, value)`` pairs that each output filters), side inputs materialised once as
-graph dependencies, Reshuffle as a repartition over the cluster's threads, GroupByKey
-into many small partitions (tasks) so that groups of uneven cost even out, every leaf
+graph dependencies, Reshuffle as a repartition over the cluster's threads, every leaf
 computed, and each bundle's counters returned beside its outputs.
 """
 
@@ -61,11 +60,6 @@ WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": N
 _METRICS_TAG = "__dask_runner_metrics__"
 # Partitions per cluster thread after a Reshuffle: enough that uneven shards even out.
 _PARTITIONS_PER_THREAD = 4
-# ... and after a GroupByKey, whose keys land in partitions by hash: a partition is one
-# task, so with few partitions one can hold several large groups (a converted shard
-# each) while a thread sits idle at the end. Many small tasks let Dask's scheduler
-# even the load out; an empty partition costs a few milliseconds.
-_GROUPED_PARTITIONS_PER_THREAD = 16
 
 
 # DoFns set up on this worker process and idle between bundles, by (run id, step label):
@@ -163,7 +157,6 @@ class _GraphBuilder(PipelineVisitor):
 
     run_id: str
     partitions: int
-    grouped_partitions: int
     bag_kwargs: dict
     bags: dict = dataclasses.field(default_factory=dict)
     pardo_bags: list = dataclasses.field(default_factory=list)
@@ -209,10 +202,6 @@ class _GraphBuilder(PipelineVisitor):
         if type(transform) is overrides._Reshuffle:
             # Spread the work over the cluster; Beam's DaskRunner leaves it in place.
             bag = in_bags[0].repartition(npartitions=self.partitions)
-        elif type(transform) is overrides._GroupByKeyOnly:
-            # Dask groups into as many partitions as its input has.
-            finer = in_bags[0].repartition(npartitions=self.grouped_partitions)
-            bag = transform_evaluator.GroupByKey(node, self.bag_kwargs).apply(finer)
         elif type(transform) is overrides._Flatten:
             bag = db.concat(in_bags)
         elif type(transform) in transform_evaluator.TRANSLATIONS:
@@ -286,10 +275,9 @@ class DaskRunner(beam_dask.DaskRunner):
             client = ddist.Client(**dask_options)
         threads = sum(client.nthreads().values()) or 1
         partitions = bag_kwargs.get("npartitions") or _PARTITIONS_PER_THREAD * threads
-        grouped = bag_kwargs.get("npartitions") or _GROUPED_PARTITIONS_PER_THREAD * threads
         pipeline.replace_all(overrides.dask_overrides())
         run_id = uuid.uuid4().hex
-        builder = _GraphBuilder(run_id, partitions, grouped, bag_kwargs)
+        builder = _GraphBuilder(run_id, partitions, bag_kwargs)
         pipeline.visit(builder)
         leaves, metric_bags = builder.leaves(), builder.metric_bags()
         # One compute call: steps shared by several leaves run once.
