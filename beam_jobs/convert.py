@@ -250,7 +250,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
             labels = p | "FixedLabels" >> beam.Create([fixed_labels])
         else:
             labels = listed["summary"] | "Labels" >> beam.Map(lambda summary: summary[1])
-        listed_count = listed["summary"] | "ListedCount" >> beam.Map(lambda s: s[0])
+        listed_count = listed["summary"] | "ListedCount" >> beam.Map(lambda summary: summary[0])
         estimate = functools.partial(
             estimated_encoded_bytes, settings.resize, settings.image_format
         )

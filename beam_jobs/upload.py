@@ -127,11 +127,6 @@ def _options_class() -> type:
     return UploadOptions
 
 
-def _user_error(message: str) -> Exception:
-    """A set-up problem: one line and exit status 2 through ``cli_main``."""
-    return UserError(message)
-
-
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The job's flags, ``--dry_run`` and Beam's ``--s3_*`` flags, read without Beam;
     returns them and the arguments for the pipeline (runner options pass through)."""
@@ -164,9 +159,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def _validate(opts: argparse.Namespace) -> None:
     if not opts.source or not opts.output:
-        raise _user_error("--source DIR and --output s3://bucket/prefix/ are required")
+        raise UserError("--source DIR and --output s3://bucket/prefix/ are required")
     if not s3.is_s3(opts.output):
-        raise _user_error(f"--output must be an s3:// URI, got {opts.output!r}")
+        raise UserError(f"--output must be an s3:// URI, got {opts.output!r}")
     for flag in (
         "concurrency",
         "multipart_threshold_mb",
@@ -174,24 +169,24 @@ def _validate(opts: argparse.Namespace) -> None:
         "object_attempts",
     ):
         if getattr(opts, flag) <= 0:
-            raise _user_error(f"--{flag} must be positive")
+            raise UserError(f"--{flag} must be positive")
     if opts.sse_kms_key_id and opts.sse != "aws:kms":
-        raise _user_error("--sse_kms_key_id needs --sse aws:kms")
+        raise UserError("--sse_kms_key_id needs --sse aws:kms")
 
 
 def _check_source(source: str) -> None:
     """Fails early on a missing, unreadable or empty source folder."""
     if not os.path.exists(source):
-        raise _user_error(f"source {source} does not exist")
+        raise UserError(f"source {source} does not exist")
     if not os.path.isdir(source):
-        raise _user_error(f"source {source} is not a directory")
+        raise UserError(f"source {source} is not a directory")
     try:
         for _dirpath, _dirs, files in os.walk(source, onerror=_raise, followlinks=True):
             if files:
                 return
     except OSError as e:
-        raise _user_error(f"cannot read source {source}: {e.strerror or e}") from None
-    raise _user_error(f"source {source} holds no files: nothing to upload")
+        raise UserError(f"cannot read source {source}: {e.strerror or e}") from None
+    raise UserError(f"source {source} holds no files: nothing to upload")
 
 
 def _raise(error: BaseException, *_unused) -> NoReturn:
@@ -203,13 +198,13 @@ def _bucket_error(bucket: str, error: Exception) -> Exception:
     if isinstance(error, botocore.exceptions.ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket", "NotFound"):
-            return _user_error(f"bucket {bucket} does not exist: create it first")
+            return UserError(f"bucket {bucket} does not exist: create it first")
         if code in ("403", "AccessDenied", "Forbidden"):
-            return _user_error(
+            return UserError(
                 f"no access to bucket {bucket}: check your AWS credentials"
             )
-        return _user_error(f"cannot reach bucket {bucket}: {code or error}")
-    return _user_error(f"cannot reach S3 for bucket {bucket}: {error}")
+        return UserError(f"cannot reach bucket {bucket}: {code or error}")
+    return UserError(f"cannot reach S3 for bucket {bucket}: {error}")
 
 
 def _settings(opts: argparse.Namespace, config: S3Config) -> UploadSettings:
