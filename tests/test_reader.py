@@ -192,6 +192,19 @@ def test_seeded_runs_are_identical(converted):
     assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other))
 
 
+def test_unshuffled_reads_keep_their_order_by_default(converted):
+    # An evaluation pass (no shuffle, no seed) must not reorder records by thread timing:
+    # predictions are matched to files by position.
+    def options(**kwargs):
+        ds = make_dataset(converted, batch_size=4, image_size=SIZE, **kwargs)
+        return ds.options().deterministic
+
+    assert options(training=False)
+    assert options(training=True, seed=1)
+    assert not options(training=True)
+    assert not options(training=False, deterministic=False)
+
+
 def test_checkpoint_resumes_mid_epoch(converted, tmp_path):
     def dataset():
         return make_dataset(

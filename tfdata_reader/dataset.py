@@ -144,7 +144,8 @@ def make_dataset(
         image_size: ``(height, width)`` of the output images.
         training: turns on shuffling, augmentation and ``drop_remainder`` by default.
         seed: makes shard order, shuffle and augmentation reproducible.
-        deterministic: element order independent of thread timing (default: ``seed`` set).
+        deterministic: element order independent of thread timing (default: ``seed`` set
+            or no shuffling, so an evaluation pass reads the records in manifest order).
         shuffle: shard-order and record shuffle (default: ``training``).
         shuffle_buffer: records in the shuffle buffer (held as uint8 ``image_size``).
         resize: ``"crop"``, ``"pad"`` or ``"stretch"`` (see ``ops.to_image``).
@@ -187,7 +188,8 @@ def make_dataset(
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     shuffle = training if shuffle is None else shuffle
     drop_remainder = training if drop_remainder is None else drop_remainder
-    deterministic = seed is not None if deterministic is None else deterministic
+    if deterministic is None:
+        deterministic = seed is not None or not shuffle
     if augment is None or augment is True:
         augment = ops.Augment() if training else None
     elif augment is False:
