@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import http.client
-import http.server
 import random
 import socket
 import socketserver
@@ -49,124 +47,249 @@ _ERROR_XML = (
     "<Message>{message}</Message><RequestId>s3proxy</RequestId></Error>"
 )
 _ERRORS = {
-    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
-    "internal_error": (500, "InternalError", "We encountered an internal error."),
-}
-# Hop-by-hop headers are the proxy's own business, never forwarded.
-_HOP_HEADERS = {
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "expect",
-}
+    "slowdown": (503, "Service Unavailable", "SlowDown", "Please reduce your request rate."),
+    "internal_error": (
+        500, "Internal Server Error", "InternalError", "We encountered an internal error."
+    ),
+}  # fmt: skip
+# Hop-by-hop headers are the proxy's own business, never forwarded; Content-Length is
+# set again for the body as relayed.
+_HOP_HEADERS = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"expect")
+)
+_CONTENT_LENGTH = b"content-length"
+_MAX_LINE = 65536
+# Bodies up to this size leave in one send with their headers (one system call, and
+# no Nagle wait between the two); larger ones are not copied to be joined.
+_JOIN_BELOW = 1 << 20
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Message:
+    """The start line and headers of one HTTP/1.1 message, read from a buffered stream.
+
+    Only the headers a relay acts on are interpreted; the others are kept as raw lines
+    and forwarded byte for byte. (``http.server`` and ``http.client`` parse every header
+    through the ``email`` package twice per request: most of the proxy's CPU, which on
+    a small machine is taken from the server and the client it stands between.)
+    """
+
+    __slots__ = ("chunked", "close", "expect", "length", "lines", "start")
+
+    def __init__(self, stream) -> None:
+        self.start = stream.readline(_MAX_LINE)
+        self.lines: list[bytes] = []
+        self.length: int | None = None
+        self.chunked = self.expect = False
+        self.close = False
+        while (line := stream.readline(_MAX_LINE)) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == _CONTENT_LENGTH:
+                self.length = int(value)
+            elif name not in _HOP_HEADERS:
+                self.lines.append(line)
+            elif name == b"transfer-encoding":
+                self.chunked = b"chunked" in value.lower()
+            elif name == b"expect":
+                self.expect = value.strip().lower() == b"100-continue"
+            elif name == b"connection":
+                self.close = value.strip().lower() == b"close"
+
+    def read_body(self, stream, until_eof: bool = False) -> bytes:
+        """The body that follows (de-chunked); ``until_eof`` when nothing delimits it.
+
+        Raises:
+            ConnectionError: the stream ended before the body did.
+        """
+        if self.chunked:
+            chunks = []
+            while size := int(stream.readline(_MAX_LINE).split(b";")[0].strip(), 16):
+                chunks.append(_read_exactly(stream, size))
+                stream.readline(_MAX_LINE)
+            while stream.readline(_MAX_LINE) not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(chunks)
+        if self.length is not None:
+            return _read_exactly(stream, self.length) if self.length else b""
+        return stream.read() if until_eof else b""
+
+    @property
+    def status(self) -> int:
+        """A response's status code."""
+        return int(self.start.split(None, 2)[1])
+
+    def head(self, start: bytes, length: int | None, close: bool = False) -> bytes:
+        """``start``, the kept headers, then Content-Length (when given) and Connection."""
+        extra = b"Content-Length: %d\r\n" % length if length is not None else b""
+        if close:
+            extra += b"Connection: close\r\n"
+        return b"".join((start, *self.lines, extra, b"\r\n"))
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise ConnectionError(f"stream ended after {len(data)} of {size} body bytes")
+    return data
+
+
+def _send(sock: socket.socket, head: bytes, body: bytes = b"") -> None:
+    if len(body) < _JOIN_BELOW:
+        sock.sendall(head + body)
+    else:
+        sock.sendall(head)
+        sock.sendall(body)
+
+
+class _Upstream:
+    """One thread's connection to the upstream server, kept while the server keeps it
+    (moto's server closes each one after its answer; other servers may not)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self._address = address
+        self._sock: socket.socket | None = None
+
+    def exchange(
+        self, method: str, request: bytes, body: bytes
+    ) -> tuple[_Message, bytes]:
+        """Sends one request, returns the response's headers and (de-chunked) body.
+
+        A kept connection that the server closed meanwhile is replaced once, before
+        any answer was read.
+
+        Raises:
+            ConnectionError: the upstream could not be reached or broke off.
+        """
+        for kept in (self._sock is not None, False):
+            try:
+                if self._sock is None:
+                    self._connect()
+                _send(self._sock, request, body)
+                response = _Message(self._stream)
+                if not response.start:
+                    raise ConnectionError("upstream closed the connection")
+            except OSError as e:
+                self.close()
+                if kept:
+                    continue
+                raise ConnectionError(f"upstream: {e}") from e
+            try:
+                status = response.status
+                no_body = method == "HEAD" or status in (204, 304) or status < 200
+                payload = b"" if no_body else response.read_body(self._stream, True)
+            except (OSError, ValueError) as e:
+                self.close()
+                raise ConnectionError(f"upstream: {e}") from e
+            if response.close or (response.length is None and not response.chunked):
+                self.close()
+            return response, payload
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> None:
+        self._sock = socket.create_connection(self._address, timeout=60)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._stream = self._sock.makefile("rb")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._stream.close()
+            self._sock.close()
+            self._sock = None
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """One client connection: its requests, one after the other (HTTP/1.1 keep-alive)."""
+
     server: _Server
-
-    def log_message(self, *args) -> None:  # quiet: tests and benchmarks print tables
-        pass
+    rbufsize = 64 * 1024
 
     def handle(self) -> None:
         proxy = self.server.proxy
         proxy.connection_opened()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            super().handle()
+            while self._one_request(proxy):
+                pass
         finally:
             proxy.connection_closed()
 
-    def handle_expect_100(self) -> bool:
-        self._fault = self.server.proxy.pick_fault(self.command, self.path)
-        if self._fault in _ERRORS:
-            self._send_error_response()
-            self.close_connection = True
+    def _one_request(self, proxy: S3Proxy) -> bool:
+        """Relays (or answers instead) one request; whether the connection stays open."""
+        request = _Message(self.rfile)
+        if not request.start:
+            return False  # the client closed its connection
+        try:
+            method, target, version = request.start.decode("latin-1").split()
+        except ValueError:
+            self._send_error(400, "Bad Request", "BadRequest", "Malformed request.")
             return False
-        return super().handle_expect_100()
+        close = request.close or version == "HTTP/1.0"
+        fault = proxy.pick_fault(method, target)
+        if request.expect:
+            if fault in _ERRORS:
+                # As S3 does: the error instead of "100 Continue"; the body never comes.
+                self._send_error(*_ERRORS[fault], method=method, close=True)
+                return False
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = request.read_body(self.rfile)
+        if proxy.hold_if_matching(method, target):
+            self._reset()  # released only when the proxy stops: never forwarded
+            return False
+        if proxy.latency_s:
+            time.sleep(proxy.latency_s)
+        if fault in _ERRORS:
+            self._send_error(*_ERRORS[fault], method=method, close=close)
+            return not close
+        if fault == "reset":
+            self._reset()
+            return False
+        length = len(body) if body or method in ("PUT", "POST") else None
+        head = request.head(f"{method} {target} HTTP/1.1\r\n".encode(), length)
+        try:
+            response, payload = proxy.upstream_connection().exchange(method, head, body)
+        except ConnectionError:
+            self._reset()
+            return False
+        proxy.record(method, target, response.status)
+        if method == "HEAD":  # the object's size, not the empty body's
+            head = response.head(response.start, response.length, close)
+            self.connection.sendall(head)
+            return not close
+        head = response.head(response.start, len(payload), close)
+        if fault == "truncate" and len(payload) > 1:
+            proxy.count_injected("truncate")
+            _send(self.connection, head, payload[: len(payload) // 2])
+            self._reset()
+            return False
+        _send(self.connection, head, payload)
+        return not close
 
-    def _send_error_response(self) -> None:
-        status, code, message = _ERRORS[self._fault]
+    def _send_error(
+        self,
+        status: int,
+        reason: str,
+        code: str,
+        message: str,
+        method: str = "GET",
+        close: bool = False,
+    ) -> None:
         body = _ERROR_XML.format(code=code, message=message).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "")
+            + "\r\n"
+        ).encode()
+        _send(self.connection, head, b"" if method == "HEAD" else body)
 
     def _reset(self) -> None:
         # SO_LINGER 0 makes close() send RST: the client sees "connection reset".
         self.connection.setsockopt(
             socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
         )
-        self.close_connection = True
-
-    def _proxy(self) -> None:
-        proxy = self.server.proxy
-        if "Expect" not in self.headers:
-            self._fault = proxy.pick_fault(self.command, self.path)
-        body = self._read_body()
-        if proxy.hold_if_matching(self.command, self.path):
-            self._reset()  # released only when the proxy stops: never forwarded
-            return
-        if proxy.latency_s:
-            time.sleep(proxy.latency_s)
-        if self._fault in _ERRORS:
-            self._send_error_response()
-            return
-        if self._fault == "reset":
-            self._reset()
-            return
-        headers = {
-            k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS
-        }
-        if body or self.command in ("PUT", "POST"):
-            headers["Content-Length"] = str(len(body))
-        upstream = proxy.upstream_connection()
-        try:
-            upstream.request(self.command, self.path, body=body, headers=headers)
-            response = upstream.getresponse()
-            payload = response.read()
-        except (OSError, http.client.HTTPException):
-            upstream.close()
-            self._reset()
-            return
-        self.send_response(response.status, response.reason)
-        for key, value in response.getheaders():
-            if key.lower() not in _HOP_HEADERS and key.lower() != "content-length":
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        proxy.record(self.command, self.path, response.status)
-        if self.command == "HEAD":
-            return
-        if self._fault == "truncate" and len(payload) > 1:
-            proxy.count_injected("truncate")
-            self.wfile.write(payload[: len(payload) // 2])
-            self.wfile.flush()
-            self._reset()
-            return
-        self.wfile.write(payload)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _proxy
 
 
-class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
@@ -302,12 +425,11 @@ class S3Proxy:
         with self._lock:
             self.connections -= 1
 
-    def upstream_connection(self) -> http.client.HTTPConnection:
+    def upstream_connection(self) -> _Upstream:
+        """This thread's connection to the upstream server."""
         conn = getattr(self._conns, "conn", None)
         if conn is None:
-            conn = self._conns.conn = http.client.HTTPConnection(
-                *self._upstream, timeout=60
-            )
+            conn = self._conns.conn = _Upstream(self._upstream)
         return conn
 
     def start(self) -> S3Proxy:
