@@ -19,7 +19,10 @@ This subclass keeps Beam's translation of Create, GroupByKey and Flatten and its
 invoker and builds the graph itself: one bag per PCollection (a multi-output ParDo's bag
 holds ``(tag, value)`` pairs that each output filters), side inputs materialised once as
 graph dependencies, Reshuffle as a repartition over the cluster's threads, every leaf
-computed, and each bundle's counters returned beside its outputs.
+computed, and each bundle's counters returned beside its outputs. As on Beam's own
+runners, a CombinePerKey combines within each partition before its shuffle, and a
+Flatten joins its inputs partition by partition: a convert job then runs half the
+tasks that Beam's translation would give it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import operator
 import threading
 import uuid
 
@@ -44,6 +48,7 @@ from apache_beam.runners.dask import dask_runner as beam_dask
 from apache_beam.runners.dask import overrides, transform_evaluator
 from apache_beam.runners.direct.direct_metrics import DirectMetrics
 from apache_beam.runners.worker import statesampler
+from apache_beam.transforms import window
 from apache_beam.transforms.sideinputs import SideInputMap
 from apache_beam.utils import counters
 
@@ -77,6 +82,20 @@ def _release_run(run_id: str) -> None:
     for fn in fns:
         with contextlib.suppress(Exception):  # best effort, as Beam's teardown contract
             fn.teardown()
+
+
+@contextlib.contextmanager
+def _metered(label: str):
+    """Counts the metrics of the code it wraps in a fresh container, as Beam's workers."""
+    container = MetricsContainer(label)
+    sampler = statesampler.StateSampler(label, counters.CounterFactory())
+    previous = statesampler.get_current_tracker()
+    statesampler.set_current_tracker(sampler)
+    try:
+        with sampler.scoped_state(label, "process", metrics_container=container):
+            yield container
+    finally:
+        statesampler.set_current_tracker(previous)
 
 
 def _run_bundle(
@@ -121,22 +140,15 @@ def _run_bundle(
         user_state_context=None,
         bundle_finalizer_param=beam.DoFn.BundleFinalizerParam(),
     )
-    container = MetricsContainer(label)
-    sampler = statesampler.StateSampler(label, counters.CounterFactory())
-    previous = statesampler.get_current_tracker()
-    statesampler.set_current_tracker(sampler)
-    try:
-        with sampler.scoped_state(label, "process", metrics_container=container):
-            if fresh:
-                invoker.invoke_setup()
-            invoker.invoke_start_bundle()
-            for item in items:
-                invoker.invoke_process(
-                    transform_evaluator.get_windowed_value(item, window_fn)
-                )
-            invoker.invoke_finish_bundle()
-    finally:
-        statesampler.set_current_tracker(previous)
+    with _metered(label) as container:
+        if fresh:
+            invoker.invoke_setup()
+        invoker.invoke_start_bundle()
+        for item in items:
+            invoker.invoke_process(
+                transform_evaluator.get_windowed_value(item, window_fn)
+            )
+        invoker.invoke_finish_bundle()
     with _IDLE_LOCK:
         _IDLE_DOFNS[(run_id, label)].append(transform.fn if fresh else fn)
     out = [
@@ -145,6 +157,50 @@ def _run_bundle(
     ]
     out.append((_METRICS_TAG, container.get_cumulative()))
     return out
+
+
+def _combine_bundle(items, fn: beam.CombineFn, label: str, merge: bool) -> list:
+    """One partition of a lifted CombinePerKey: ``(key, value)`` in, ``(key,
+    accumulator)`` out; or, with ``merge``, ``(key, [(key, accumulator)])`` in, ``(key,
+    output)`` out. Counters as :func:`_run_bundle`."""
+    with _metered(label) as container:
+        fn.setup()
+        try:
+            if merge:
+                outputs = [
+                    (
+                        key,
+                        fn.extract_output(fn.merge_accumulators([a for _, a in pairs])),
+                    )
+                    for key, pairs in items
+                ]
+            else:
+                accumulators: dict = {}
+                for key, value in items:
+                    if key not in accumulators:
+                        accumulators[key] = fn.create_accumulator()
+                    accumulators[key] = fn.add_input(accumulators[key], value)
+                outputs = [(key, fn.compact(a)) for key, a in accumulators.items()]
+        finally:
+            fn.teardown()
+    return [(None, kv) for kv in outputs] + [(_METRICS_TAG, container.get_cumulative())]
+
+
+def _tagged(raw, tag=None):
+    """The values of one tag in a bag of ``(tag, value)`` pairs."""
+    return raw.filter(lambda pair, tag=tag: pair[0] == tag).pluck(1)
+
+
+def _liftable(node) -> bool:
+    """A CombinePerKey whose CombineFn can run before the shuffle, as Beam's runners do."""
+    transform = node.transform
+    return (
+        type(transform) is beam.CombinePerKey
+        and not transform.args
+        and not transform.kwargs
+        and not getattr(transform, "_using_gbek", False)
+        and isinstance(node.inputs[0].windowing.windowfn, window.GlobalWindows)
+    )
 
 
 def _chain(*parts) -> list:
@@ -184,6 +240,7 @@ class _GraphBuilder(PipelineVisitor):
     bags: dict = dataclasses.field(default_factory=dict)
     pardo_bags: list = dataclasses.field(default_factory=list)
     consumed: set = dataclasses.field(default_factory=set)
+    lifting: object = None  # the CombinePerKey node whose parts are being skipped
 
     def _side_values(self, side_input: pvalue.AsSideInput):
         import dask
@@ -192,8 +249,32 @@ class _GraphBuilder(PipelineVisitor):
         parts = self.bags[side_input.pvalue].to_delayed(optimize_graph=False)
         return dask.delayed(_chain)(*parts)
 
-    def visit_transform(self, node) -> None:
+    def enter_composite_transform(self, node) -> None:
+        if self.lifting is None and _liftable(node):
+            self.lifting = node
 
+    def leave_composite_transform(self, node) -> None:
+        """A CombinePerKey: a combine per partition, a shuffle of the accumulators
+        (one per key and partition, not every value), a merge per key."""
+        if node is not self.lifting:
+            return
+        self.lifting = None
+        (pcoll,) = node.inputs
+        self.consumed.add(pcoll)
+        fn, label = node.transform.fn, node.full_label
+        partial = self.bags[pcoll].map_partitions(_combine_bundle, fn, label, False)
+        merged = (
+            _tagged(partial)
+            .groupby(operator.itemgetter(0))
+            .map_partitions(_combine_bundle, fn, label, True)
+        )
+        self.pardo_bags += [partial, merged]
+        (out,) = node.outputs.values()
+        self.bags[out] = _tagged(merged)
+
+    def visit_transform(self, node) -> None:
+        if self.lifting is not None:
+            return
         inputs = [v for v in node.inputs if not isinstance(v, pvalue.PBegin)]
         self.consumed.update(inputs)
         in_bags = [self.bags[v] for v in inputs]
@@ -217,9 +298,7 @@ class _GraphBuilder(PipelineVisitor):
             self.pardo_bags.append(raw)
             for tag, pcoll in node.outputs.items():
                 want = None if pcoll.tag is None or tag == "None" else pcoll.tag
-                self.bags[pcoll] = raw.filter(
-                    lambda pair, want=want: pair[0] == want
-                ).pluck(1)
+                self.bags[pcoll] = _tagged(raw, want)
             return
         if type(transform) is overrides._Reshuffle:
             # Spread the work over the cluster; Beam's DaskRunner leaves it in place.
@@ -242,10 +321,7 @@ class _GraphBuilder(PipelineVisitor):
         return [bag for pcoll, bag in self.bags.items() if pcoll not in self.consumed]
 
     def metric_bags(self) -> list:
-        return [
-            raw.filter(lambda pair: pair[0] == _METRICS_TAG).pluck(1)
-            for raw in self.pardo_bags
-        ]
+        return [_tagged(raw, _METRICS_TAG) for raw in self.pardo_bags]
 
 
 class _Result(beam_dask.DaskRunnerResult):
