@@ -18,11 +18,32 @@ def _config(proxy, attempts: int) -> S3Config:
 def test_forwards_put_with_expect_100_continue_and_get(s3_bucket, s3_proxy):
     proxy = s3_proxy(latency_s=0.001)
     config = _config(proxy, 1)
-    data = os.urandom(300_000)
-    s3.put_bytes(s3_bucket, "a/b.bin", data, config)  # boto3 sends Expect: 100-continue
-    assert s3.get_bytes(s3_bucket, "a/b.bin", config) == data
-    assert [o.key for o in s3.iter_objects(s3_bucket, "a/", config)] == ["a/b.bin"]
-    assert proxy.requests >= 3 and not proxy.injected
+    sent = []
+    s3.client(config).meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: sent.append(request.headers)
+    )
+    large = os.urandom(s3.EXPECT_CONTINUE_MIN_BYTES + 1)
+    s3.put_bytes(s3_bucket, "a/b.bin", large, config)
+    s3.put_bytes(s3_bucket, "a/c.bin", b"small", config)
+    # Only the large body waits for "100 Continue" (as AWS's Go SDK does).
+    assert [headers.get("Expect") for headers in sent] == [b"100-continue", None]
+    assert s3.get_bytes(s3_bucket, "a/b.bin", config) == large
+    assert s3.get_bytes(s3_bucket, "a/c.bin", config) == b"small"
+    keys = [o.key for o in s3.iter_objects(s3_bucket, "a/", config)]
+    assert keys == ["a/b.bin", "a/c.bin"]
+    assert proxy.requests >= 5 and not proxy.injected
+
+
+@pytest.mark.parametrize("size", [10, s3.EXPECT_CONTINUE_MIN_BYTES + 1])
+def test_put_error_comes_before_or_after_the_body(s3_bucket, s3_proxy, size):
+    """With ``Expect: 100-continue`` the error replaces "100 Continue" (the body is
+    never sent); without it, the error follows the body. The client sees it either way."""
+    proxy = s3_proxy(faults={"slowdown": 1.0})
+    with pytest.raises(botocore.exceptions.ClientError) as excinfo:
+        s3.put_bytes(s3_bucket, "k", os.urandom(size), _config(proxy, 1))
+    assert excinfo.value.response["Error"]["Code"] == "SlowDown"
+    assert proxy.injected["slowdown"] >= 1
+    assert not list(s3.iter_objects(s3_bucket, ""))
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,21 @@ class S3Object:
 
 
 _USER_AGENT = f"s3-tfrecords Boto3/{boto3.__version__}"
+# botocore asks for "100 Continue" before every PUT body; AWS's Go SDK does so only
+# above 2 MiB (its ContinueHeaderThresholdBytes). Below that the handshake only costs:
+# a round trip per PUT against S3, and ~0.1 ms of client CPU per PUT (7% of a small
+# PUT's). A refused small PUT just sends its few bytes for nothing.
+EXPECT_CONTINUE_MIN_BYTES = 2 * 1024 * 1024
+
+
+def _expect_continue_only_for_large_bodies(params: dict, **_kwargs: Any) -> None:
+    """Drops the ``Expect: 100-continue`` botocore set when the body is small (the
+    header is not signed, so removing it keeps the signature valid)."""
+    headers = params.get("headers", {})
+    if "Expect" in headers:
+        size = botocore.utils.determine_content_length(params.get("body"))
+        if size is not None and size < EXPECT_CONTINUE_MIN_BYTES:
+            del headers["Expect"]
 
 
 def _parse_timestamp(value: Any) -> Any:
@@ -152,7 +167,7 @@ def client(config: S3Config | None = None) -> Any:
             region_name=config.s3_region_name,
             botocore_session=core,
         )
-        _clients[cache_key] = session.client(
+        built = session.client(
             "s3",
             endpoint_url=config.s3_endpoint_url,
             use_ssl=not config.s3_disable_ssl,
@@ -170,6 +185,11 @@ def client(config: S3Config | None = None) -> Any:
                 user_agent=_USER_AGENT,
             ),
         )
+        # Last: after botocore's own handler has added the header.
+        built.meta.events.register_last(
+            "before-call.s3", _expect_continue_only_for_large_bodies
+        )
+        _clients[cache_key] = built
     return _clients[cache_key]
 
 
