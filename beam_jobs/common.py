@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from transforms.host import usable_cpus
 from transforms.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def pipeline_options(
         direct = options.view_as(DirectOptions)
         direct.direct_running_mode = "multi_threading"
         if not _given(args, "--direct_num_workers"):
-            direct.direct_num_workers = os.cpu_count() or 1
+            direct.direct_num_workers = usable_cpus()
     return options
 
 

@@ -28,6 +28,7 @@ from beam_jobs.local_s3 import free_port, put_tree
 from beam_jobs.sample_data import write_sample_tree
 from tests.test_analyze import _check_statistics
 from transforms import s3, storage
+from transforms.host import usable_cpus
 from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
 from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
 
@@ -222,7 +223,7 @@ def test_dask_runner_names_resolve_to_the_fixed_runner(argv):
 
 @pytest.mark.parametrize(
     ("argv", "mode", "workers"),
-    [([], "multi_threading", os.cpu_count()),
+    [([], "multi_threading", usable_cpus()),
      (["--direct_num_workers=3"], "multi_threading", 3),
      (["--direct_running_mode=in_memory"], "in_memory", 1),
      (["--direct_running_mode=multi_processing"], "multi_processing", 1)],
@@ -239,6 +240,27 @@ def test_local_threads_only_when_no_running_mode_is_chosen(argv, mode, workers):
     assert dask.view_as(DirectOptions).direct_running_mode == (
         "in_memory" if mode == "multi_threading" else mode
     )
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or usable_cpus() < 2, reason="needs 2 CPUs"
+)
+def test_local_threads_follow_the_cpu_affinity():
+    # A container or cluster worker confined to one core gets one worker thread (and one
+    # decoder), not one per core of the machine.
+    code = (
+        "import os; os.sched_setaffinity(0, [sorted(os.sched_getaffinity(0))[0]]);"
+        "from apache_beam.options.pipeline_options import DirectOptions;"
+        "from beam_jobs.common import pipeline_options;"
+        "from transforms import tfrecords;"
+        "o = pipeline_options([], local_threads=True).view_as(DirectOptions);"
+        "print(o.direct_num_workers, tfrecords._DECODE_SLOTS._initial_value)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    ).stdout  # fmt: skip
+    assert out.split() == ["1", "1"]
 
 
 def test_convert_reference_on_direct_in_memory(reference):

@@ -29,6 +29,7 @@ from tfdata_reader import ops, transform
 from tfdata_reader.cache import ShardCache
 from tfdata_reader.manifest import DatasetError, load_info, shard_uris
 from transforms import s3, storage
+from transforms.host import usable_cpus
 from transforms.s3 import S3Config
 
 __all__ = ["ReaderStats", "make_dataset"]
@@ -288,7 +289,7 @@ def make_dataset(
             lambda image, label, _: (image, label)
         )
 
-    cycle = cycle_length or min(len(indices), max(4, os.cpu_count() or 1))
+    cycle = cycle_length or min(len(indices), max(4, usable_cpus()))
     ds = order.interleave(
         _read_shard,
         cycle_length=cycle,

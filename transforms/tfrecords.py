@@ -30,6 +30,7 @@ from apache_beam import pvalue
 
 from tfdata_reader.manifest import SHARD_NAME_RE
 from transforms import s3, storage
+from transforms.host import usable_cpus
 from transforms.images import ConvertedImage, ImageError, Resize, convert_image
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.records import Rejection, ShardItem
@@ -222,7 +223,7 @@ class _Stats:
 
 # One decode per core in this process, shared by every DoFn instance in it (worker
 # threads run one each): more only contend for the cores and hold more decoded images.
-_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
+_DECODE_SLOTS = threading.BoundedSemaphore(usable_cpus())
 
 
 @functools.cache
@@ -267,7 +268,7 @@ class _WriteShardFn(beam.DoFn):
         # (_DECODE_SLOTS), so memory holds at most one decoded image per core whatever
         # the GET concurrency. Local reads do not wait: more threads than cores only
         # contend for the GIL.
-        self._threads = self._gets if s3.is_s3(self._input) else (os.cpu_count() or 1)
+        self._threads = self._gets if s3.is_s3(self._input) else usable_cpus()
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
 
     def teardown(self) -> None:
