@@ -51,10 +51,18 @@ def test_put_error_comes_before_or_after_the_body(s3_bucket, s3_proxy, size):
     [
         ("slowdown", botocore.exceptions.ClientError),
         ("internal_error", botocore.exceptions.ClientError),
-        ("reset", (botocore.exceptions.ConnectionError, botocore.exceptions.ConnectionClosedError)),
+        (
+            "reset",
+            (
+                botocore.exceptions.ConnectionError,
+                botocore.exceptions.ConnectionClosedError,
+            ),
+        ),
     ],
 )
-def test_each_fault_kind_reaches_a_client_without_retries(s3_bucket, s3_proxy, kind, error):
+def test_each_fault_kind_reaches_a_client_without_retries(
+    s3_bucket, s3_proxy, kind, error
+):
     s3.put_bytes(s3_bucket, "k", b"payload")
     proxy = s3_proxy(faults={kind: 1.0})
     with pytest.raises(error) as excinfo:
@@ -70,7 +78,10 @@ def test_truncated_body_is_detected_and_retried(s3_bucket, s3_proxy):
     proxy = s3_proxy(faults={"truncate": 1.0})
     config = _config(proxy, 1)
     with pytest.raises(
-        (botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError)
+        (
+            botocore.exceptions.IncompleteReadError,
+            botocore.exceptions.ResponseStreamingError,
+        )
     ):
         s3.client(config).get_object(Bucket=s3_bucket, Key="big")["Body"].read()
     proxy.set_conditions(faults={"truncate": 0.5})
