@@ -173,7 +173,9 @@ def client(config: S3Config | None = None) -> Any:
             use_ssl=not config.s3_disable_ssl,
             verify=verify,
             config=botocore.config.Config(
-                retries={"mode": "standard", "max_attempts": config.max_attempts},
+                # botocore's "max_attempts" counts retries; "total_max_attempts" counts
+                # attempts, as --max_attempts and AWS_MAX_ATTEMPTS do.
+                retries={"mode": "standard", "total_max_attempts": config.max_attempts},
                 max_pool_connections=config.max_pool_connections,
                 connect_timeout=10,
                 read_timeout=60,
