@@ -71,10 +71,10 @@ def pipeline_options(
         argv: the command line (``sys.argv[1:]`` when ``None``).
         local_threads: on DirectRunner, when the user chose no ``--direct_running_mode``,
             run one worker thread per core in this process (``multi_threading``). For
-            jobs whose per-element work releases the GIL (Pillow's decode, resize and
-            encode; network I/O), threads use every core without what worker processes
-            cost: seconds to start, each importing Beam, and a copy of every element
-            crossing a process boundary.
+            work that waits on the network and releases the GIL (S3 requests, Pillow's
+            decode, resize and encode), threads overlap the waits without what worker
+            processes cost: seconds to start, each importing Beam, and a copy of every
+            element crossing a process boundary.
     """
     from apache_beam.options.pipeline_options import (
         DirectOptions,

@@ -6,12 +6,14 @@ Generates ``--images`` (N) photo-like 500x375 JPEGs, then measures, on the same 
 
 - compute limit: one process looping decode/resize/encode (the job's own image function)
   over in-memory bytes, times the worker count;
-- the job on local paths with ``--workers`` workers as it runs by default on
-  DirectRunner (worker threads in one process, ``multi_threading``) on N and on 4N
-  images, with the peak RSS of the job's whole process tree for each; from the two, the
-  job's fixed cost (start-up and shutdown) and its steady-state rate; and, for
-  context, at N with worker processes (``multi_processing``);
-- on the first ``--s3_images`` of them, the job on the local S3 server behind the
+- the job on local paths as it runs by default on DirectRunner (in-process, its
+  shard writer's thread pool decoding on every core) on N and on 4N images, with the
+  peak RSS of the job's whole process tree for each; from the two, the job's fixed
+  cost (start-up and shutdown) and its steady-state rate; and, for context, at N with
+  ``--workers`` worker threads (``multi_threading``) and worker processes
+  (``multi_processing``);
+- on the first ``--s3_images`` of them, the job as it runs by default on S3
+  (``--workers`` worker threads) on the local S3 server behind the
   project's proxy with ``--latency_ms`` per request, as real S3 answers, and a naive
   baseline on the same proxied S3: list, one GET per image, PIL decode/resize/encode,
   one TFRecord written with tf.io.TFRecordWriter, multiprocessing.Pool.
@@ -235,8 +237,6 @@ def main() -> None:
     settings = ConvertSettings(resize=resize)
     n, n_s3 = args.images, min(args.s3_images, args.images)
     processes = os.cpu_count() or 1
-    # The job's DirectRunner default: its workers are threads of one process.
-    workers = ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.workers}"]
     rows = []
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,20 +252,23 @@ def main() -> None:
         name = f"compute, {args.workers} processes at once (not the limit; for context)"
         rows.append((name, count, seconds, together))
 
-        common = ["--resize", args.resize, "--validation_fraction", "0.1", *workers]
+        # The job's DirectRunner defaults: in-process on local paths; on S3, worker
+        # threads (one per core) that overlap the network waits.
+        common = ["--resize", args.resize, "--validation_fraction", "0.1"]
         seconds_n, rss_n = run_job(
             ["--input", src, "--output", os.path.join(tmp, "out1"), *common]
         )
         job_local = n / seconds_n
-        name = f"job, local paths, {args.workers} worker threads (default)"
-        rows.append((name, n, seconds_n, job_local))
-        processes_args = [*common[:-2], "--direct_running_mode=multi_processing",
-                          f"--direct_num_workers={args.workers}"]  # fmt: skip
-        seconds, _ = run_job(
-            ["--input", src, "--output", os.path.join(tmp, "out1p"), *processes_args]
-        )
-        name = f"job, local paths, {args.workers} worker processes (multi_processing)"
-        rows.append((name, n, seconds, n / seconds))
+        rows.append(("job, local paths, in-process (default)", n, seconds_n, job_local))
+        for mode, what in (("multi_threading", "worker threads"),
+                           ("multi_processing", "worker processes")):  # fmt: skip
+            mode_args = [f"--direct_running_mode={mode}", f"--direct_num_workers={args.workers}"]
+            seconds, _ = run_job(
+                ["--input", src, "--output", os.path.join(tmp, f"out1-{mode}"), *common,
+                 *mode_args]
+            )  # fmt: skip
+            name = f"job, local paths, {args.workers} {what} ({mode})"
+            rows.append((name, n, seconds, n / seconds))
 
         src_s3 = os.path.join(tmp, "src_s3")
         first_images(src, src_s3, n_s3)
@@ -281,7 +284,7 @@ def main() -> None:
                 ]
                 seconds, _ = run_job(s3_args, env=local_s3.environment(server.endpoint))
                 job_s3 = n_s3 / seconds
-                name = f"job, S3 +{args.latency_ms:.0f} ms, {args.workers} worker threads"
+                name = f"job, S3 +{args.latency_ms:.0f} ms (default: worker threads)"
                 rows.append((name, n_s3, seconds, job_s3))
                 seconds = naive_baseline(
                     proxy.endpoint, "images/", args.workers, (resize.width, resize.height),
@@ -297,7 +300,7 @@ def main() -> None:
             photo_tree(src4, 4 * n, 1, processes)
             seconds_4n, rss_4n = run_job(["--input", src4, "--output", out4, *common])
             job_local_4n = 4 * n / seconds_4n
-            name = f"job, local paths, {args.workers} worker threads, 4N"
+            name = "job, local paths, in-process (default), 4N"
             rows.append((name, 4 * n, seconds_4n, job_local_4n))
 
     if rss_4n:
