@@ -68,6 +68,8 @@ def photo_tree(root: str, count: int, seed: int, processes: int) -> int:
             dest = os.path.join(root, folder, f"p{k}_{name}")
             os.rename(os.path.join(part, rel), dest)
         shutil.rmtree(part)
+    # Written back now, not by the kernel during the first timed runs.
+    os.sync()
     return total
 
 
