@@ -30,12 +30,13 @@ from beam_jobs.common import (
 )
 from tfdata_reader.manifest import load_info
 from transforms import s3, storage
+from transforms.examples import ConvertSettings
 from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
 from transforms.listing import METRICS_NAMESPACE, ListImages
 from transforms.manifest import DATASET_INFO, WriteDatasetInfo
 from transforms.s3 import S3Config
 from transforms.sharding import AssignShards
-from transforms.tfrecords import ConvertSettings, WriteShards
+from transforms.tfrecords import WriteShards
 
 __all__ = ["ConvertOptions", "main", "run"]
 

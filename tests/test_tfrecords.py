@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tensorflow as tf
 
-from transforms.tfrecords import TFRecordFile, encode_example
+from transforms.examples import TFRecordFile, encode_example
 
 FEATURES = {
     "image/encoded": bytes(range(256)) * 3,

@@ -1,10 +1,16 @@
-"""What this process may use of the machine it runs on."""
+"""What this process may use of the machine it runs on, and how it gives memory back."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 
-__all__ = ["usable_cpus"]
+__all__ = ["keep_freed_heap", "usable_cpus"]
+
+# glibc's mallopt parameter for the heap's top padding (malloc.h: M_TOP_PAD).
+_M_TOP_PAD = -2
+HEAP_PAD_BYTES = 64 << 20
 
 
 def usable_cpus() -> int:
@@ -17,3 +23,24 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+@functools.cache
+def keep_freed_heap() -> bool:
+    """Has glibc's malloc keep 64 MB free at the top of the heap instead of returning it.
+
+    Converting an image allocates and frees a few MB. With glibc's defaults the top of a
+    small heap goes back to the kernel after every image and is faulted in, zeroed, for
+    the next: measured, 0.7 ms of system time per 500x375 JPEG in a fresh process,
+    about a quarter of its conversion, and slower user time from the cold pages. Only
+    memory the process once used stays resident. Once per process; does nothing where
+    the C library is not glibc.
+
+    Returns:
+        Whether the setting was applied.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_TOP_PAD, HEAP_PAD_BYTES) == 1

@@ -1,0 +1,177 @@
+"""One image's record: conversion, ``tf.train.Example`` encoding and TFRecord framing.
+
+No Beam and no TensorFlow here: the shard writer calls :func:`convert_record` for each
+image, and the benchmarks' compute limit calls :class:`ConvertSettings` without paying
+for Beam's imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import struct
+
+import google_crc32c
+
+from transforms.images import ConvertedImage, ImageError, Resize, convert_image
+from transforms.records import Rejection, ShardItem
+
+__all__ = [
+    "ConvertSettings",
+    "TFRecordFile",
+    "convert_record",
+    "encode_example",
+    "example_bytes",
+    "frame_record",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertSettings:
+    """What :func:`convert_image` is called with, for every image of a job."""
+
+    resize: Resize = Resize()
+    channels: int = 3
+    image_format: str = "jpeg"
+    jpeg_quality: int = 90
+    max_pixels: int = 100_000_000
+
+    def convert(self, data: bytes) -> ConvertedImage:
+        return convert_image(
+            data,
+            self.resize,
+            channels=self.channels,
+            image_format=self.image_format,
+            jpeg_quality=self.jpeg_quality,
+            max_pixels=self.max_pixels,
+        )
+
+
+# Most varints on the hot path (tags, short lengths, labels) are one byte.
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
+    value &= (1 << 64) - 1  # int64 wire format: negatives take ten bytes
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_example(features: dict[str, bytes | int]) -> bytes:
+    """Serializes a ``tf.train.Example`` of single bytes or int64 values.
+
+    Written by hand because importing TensorFlow in every worker costs seconds and
+    hundreds of MB; the output is byte-identical to TensorFlow's deterministic
+    serialization (map keys sorted), which a test checks.
+    """
+    entries = []
+    for key in sorted(features):
+        value = features[key]
+        if isinstance(value, bytes):
+            feature = _field(1, _field(1, value))  # Feature.bytes_list.value
+        else:
+            feature = _field(3, _field(1, _varint(value)))  # Feature.int64_list (packed)
+        entries.append(_field(1, _map_key(key) + _field(2, feature)))
+    return _field(1, b"".join(entries))  # Example.features.feature map
+
+
+@functools.lru_cache(maxsize=256)
+def _map_key(key: str) -> bytes:
+    """The encoded key field of a feature map entry: the same for every record."""
+    return _field(1, key.encode())
+
+
+def example_bytes(
+    image: ConvertedImage, label: int, label_text: str, key: str, source_sha256: str
+) -> bytes:
+    """A serialized ``tf.train.Example`` with the keys of DESIGN.md, "Data contract"."""
+    return encode_example(
+        {
+            "image/encoded": image.encoded,
+            "image/format": image.format.encode(),
+            "image/height": image.height,
+            "image/width": image.width,
+            "image/channels": image.channels,
+            "image/class/label": label,
+            "image/class/text": label_text.encode(),
+            "image/filename": key.encode(),
+            "image/source_sha256": source_sha256.encode(),
+        }
+    )
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def frame_record(record: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC32C, the data, the data's masked CRC32C."""
+    length = struct.pack("<Q", len(record))
+    return b"".join(
+        (length, struct.pack("<I", _masked_crc(length)), record,
+         struct.pack("<I", _masked_crc(record)))
+    )  # fmt: skip
+
+
+class TFRecordFile:
+    """Writes TFRecord framing (length, masked CRC32C, data, masked CRC32C) to a file.
+
+    ``compression="GZIP"`` writes a standard gzip stream with a zero timestamp, so the
+    same records give the same bytes.
+    """
+
+    def __init__(self, path: str, compression: str = "") -> None:
+        self._raw = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._out = (
+            gzip.GzipFile(filename="", mode="wb", fileobj=self._raw, mtime=0)
+            if compression == "GZIP"
+            else self._raw
+        )
+
+    def write(self, record: bytes) -> None:
+        self.write_framed(frame_record(record))
+
+    def write_framed(self, framed: bytes) -> None:
+        """Writes a record already framed by :func:`frame_record`."""
+        self._out.write(framed)
+
+    def close(self) -> None:
+        if self._out is not self._raw:
+            self._out.close()
+        self._raw.close()
+
+    def __enter__(self) -> TFRecordFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def convert_record(settings: ConvertSettings, item: ShardItem, data: bytes):
+    """An image's source bytes -> its framed TFRecord, or why it cannot be one.
+
+    Returns:
+        ``(framed record, source size, image with its encoded bytes dropped)`` or a
+        :class:`Rejection`; never raises for a bad image.
+    """
+    try:
+        image = settings.convert(data)
+    except ImageError as e:
+        return Rejection(item.key, "decode", e.code, str(e))
+    digest = hashlib.sha256(data).hexdigest()
+    record = example_bytes(image, item.label, item.label_text, item.key, digest)
+    return frame_record(record), len(data), dataclasses.replace(image, encoded=b"")
