@@ -15,7 +15,8 @@ Generates ``--images`` (N) photo-like 500x375 JPEGs, then measures, on the same 
   (``multi_processing``);
 - on the first ``--s3_images`` of them, the job as it runs by default on S3
   (``--workers`` worker threads) on the local S3 server behind the
-  project's proxy with ``--latency_ms`` per request, as real S3 answers, and a naive
+  project's proxy with ``--latency_ms`` per request, as real S3 answers (both in their
+  own processes: bench/servers.py), and a naive
   baseline on the same proxied S3: list, one GET per image, PIL decode/resize/encode,
   one TFRecord written with tf.io.TFRecordWriter, multiprocessing.Pool.
 
@@ -41,9 +42,9 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from beam_jobs import local_s3
-from beam_jobs.s3proxy import S3Proxy
 from beam_jobs.sample_data import write_photo_tree
-from transforms import s3, storage
+from bench.servers import proxied_s3
+from transforms import storage
 from transforms.examples import ConvertSettings
 from transforms.host import keep_freed_heap
 from transforms.images import parse_resize
@@ -281,27 +282,25 @@ def main() -> None:
 
         src_s3 = os.path.join(tmp, "src_s3")
         first_images(src, src_s3, n_s3)
-        with local_s3.running() as server:
-            s3.client().create_bucket(Bucket=BUCKET)
+        with proxied_s3(args.latency_ms, BUCKET) as servers:
             local_s3.put_tree(src_s3, BUCKET, "images/")
-            with S3Proxy(server.endpoint, args.latency_ms / 1000) as proxy:
-                s3_args = [
-                    *("--input", f"s3://{BUCKET}/images/"),
-                    *("--output", f"s3://{BUCKET}/out/"),
-                    f"--s3_endpoint_url={proxy.endpoint}",
-                    *common,
-                ]
-                seconds, _ = run_job(s3_args, env=local_s3.environment(server.endpoint))
-                job_s3 = n_s3 / seconds
-                name = f"job, S3 +{args.latency_ms:.0f} ms (default: worker threads)"
-                rows.append((name, n_s3, seconds, job_s3))
-                seconds = naive_baseline(
-                    proxy.endpoint, "images/", args.workers, (resize.width, resize.height),
-                    os.path.join(tmp, "naive.tfrecord"),
-                )  # fmt: skip
-                naive = n_s3 / seconds
-                name = f"naive Pool baseline, S3 +{args.latency_ms:.0f} ms"
-                rows.append((name, n_s3, seconds, naive))
+            s3_args = [
+                *("--input", f"s3://{BUCKET}/images/"),
+                *("--output", f"s3://{BUCKET}/out/"),
+                f"--s3_endpoint_url={servers.proxy_endpoint}",
+                *common,
+            ]
+            seconds, _ = run_job(s3_args, env=servers.environment())
+            job_s3 = n_s3 / seconds
+            name = f"job, S3 +{args.latency_ms:.0f} ms (default: worker threads)"
+            rows.append((name, n_s3, seconds, job_s3))
+            seconds = naive_baseline(
+                servers.proxy_endpoint, "images/", args.workers,
+                (resize.width, resize.height), os.path.join(tmp, "naive.tfrecord"),
+            )  # fmt: skip
+            naive = n_s3 / seconds
+            name = f"naive Pool baseline, S3 +{args.latency_ms:.0f} ms"
+            rows.append((name, n_s3, seconds, naive))
 
         rss_4n = None
         if not args.skip_memory:

@@ -30,8 +30,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -41,6 +39,7 @@ import tensorflow as tf
 
 import tfdata_reader
 from beam_jobs import convert, local_s3, sample_data
+from bench.servers import proxied_s3
 from tfdata_reader import ShardCache, ops
 from tfdata_reader.images import list_images
 from transforms import s3
@@ -112,36 +111,17 @@ def main(argv=None) -> None:
     sample_data.write_photo_tree(src, args.images, classes=4, size=(500, 375))
     convert.run(["--input", src, "--output", out, "--num_shards", str(args.shards)])
 
-    port = local_s3.free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(local_s3.environment(endpoint))
-    bin_dir = os.path.dirname(sys.executable)
-    server = subprocess.Popen(
-        [os.path.join(bin_dir, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # one log line per request
-    )
-    proxy_cmd = [sys.executable, "-m", "beam_jobs.s3proxy", endpoint]
-    proxy_cmd += ["--latency_ms", str(args.latency_ms)]
-    proxy = subprocess.Popen(proxy_cmd, stdout=subprocess.PIPE, text=True)
     try:
-        config = S3Config(s3_endpoint_url=proxy.stdout.readline().strip())
-        for _ in range(100):
-            try:
-                s3.client().create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # noqa: BLE001 - the server is still starting
-                time.sleep(0.1)
-        local_s3.put_tree(out, BUCKET, "converted/")
-        local_s3.put_tree(src, BUCKET, "raw/")
-        requests = [0]
-        s3.client(config).meta.events.register(
-            "before-send.s3", lambda **_: requests.__setitem__(0, requests[0] + 1)
-        )
-        rows = _measure(args, size, work, out, config, requests)
+        with proxied_s3(args.latency_ms, BUCKET) as servers:
+            config = S3Config(s3_endpoint_url=servers.proxy_endpoint)
+            local_s3.put_tree(out, BUCKET, "converted/")
+            local_s3.put_tree(src, BUCKET, "raw/")
+            requests = [0]
+            s3.client(config).meta.events.register(
+                "before-send.s3", lambda **_: requests.__setitem__(0, requests[0] + 1)
+            )
+            rows = _measure(args, size, work, out, config, requests)
     finally:
-        proxy.terminate()
-        server.terminate()
         shutil.rmtree(work, ignore_errors=True)
     _print(args, size, rows)
 

@@ -2,7 +2,8 @@
 and the server's saturated PUT rate, in one run on one generated tree.
 
 Every client talks to the same local S3 server (moto, its own process) through the
-project's proxy adding 50 ms per request, as real S3 does, so concurrency matters.
+project's proxy adding 50 ms per request, as real S3 does, so concurrency matters
+(bench/servers.py).
 Prints one table with ratios, and the CPU seconds each run cost the client, the server
 and the proxy: on a small machine they share the cores, so a client's own CPU slows
 the server it waits for.
@@ -28,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from beam_jobs import local_s3, sample_data
+from beam_jobs import sample_data
 from beam_jobs.upload import DEFAULT_CONCURRENCY
+from bench.servers import proxied_s3
 from transforms import s3
 from transforms.s3 import S3Config
 
@@ -107,11 +109,6 @@ class _Meter:
         self.seconds, *self.cpu = (b - a for a, b in zip(self._start, end))
 
 
-def _start(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    return proc, proc.stdout.readline().strip()
-
-
 def _put_all(files, root, bucket, prefix, config, threads) -> None:
     def put(path):
         with open(path, "rb") as f:
@@ -153,30 +150,11 @@ def main() -> None:
     aws = _awscli()
     root = os.path.join(CACHE, "tree")
     files, total_bytes = _tree(root, args.small, args.large, args.large_mb)
-    port = local_s3.free_port()
-    env = {**os.environ, **local_s3.environment(f"http://127.0.0.1:{port}")}
-    env.pop("AWS_ENDPOINT_URL", None)
-    os.environ.update(env)
-    bin_dir = os.path.dirname(sys.executable)
-    server = subprocess.Popen(
-        [os.path.join(bin_dir, "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    proxy, proxy_url = _start(
-        [sys.executable, "-m", "beam_jobs.s3proxy", env["AWS_ENDPOINT_URL_S3"],
-         "--latency_ms", str(LATENCY_MS)],
-        env,
-    )  # fmt: skip
-    try:
+    with proxied_s3(LATENCY_MS, "bench") as servers:
+        env = {**os.environ}
+        server, proxy, proxy_url = servers.server, servers.proxy, servers.proxy_endpoint
         direct = S3Config(max_pool_connections=128)
         via_proxy = S3Config(s3_endpoint_url=proxy_url, max_pool_connections=128)
-        for _ in range(100):
-            try:
-                s3.client(direct).create_bucket(Bucket="bench")
-                break
-            except Exception:  # noqa: BLE001 - the server is still starting
-                time.sleep(0.1)
         n = len(files)
         rows: dict[str, _Meter] = {}
 
@@ -226,9 +204,6 @@ def main() -> None:
             got = _count("bench", prefix, direct)
             if got != n:
                 sys.exit(f"{prefix}: {got} objects, expected {n}")
-    finally:
-        proxy.terminate()
-        server.terminate()
 
     job_time = job_run.seconds
     print(
