@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import re
+import threading
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -244,18 +246,48 @@ def convert_image(
         top = (converted.height - resize.height) // 2
         converted = converted.crop((left, top, left + resize.width, top + resize.height))
 
-    out = io.BytesIO()
     try:
         if image_format == "png":
-            converted.save(out, format="PNG", compress_level=6)
+            encoded = _encode(converted, format="PNG", compress_level=6)
         else:
-            converted.save(out, format="JPEG", quality=jpeg_quality)
+            encoded = _encode(converted, format="JPEG", quality=jpeg_quality)
     except (OSError, ValueError) as e:
         raise ImageError("encode_failed", f"cannot encode {converted.size}: {e}") from None
     return ConvertedImage(
-        out.getvalue(), image_format, converted.height, converted.width, channels,
+        encoded, image_format, converted.height, converted.width, channels,
         source_format, source_height, source_width,
     )  # fmt: skip
+
+
+# Each thread's in-memory file for _encode; one is kept only up to this size.
+_ENCODE_FILES = threading.local()
+_KEEP_ENCODE_FILE_BYTES = 4 << 20
+
+
+def _encode(image: Image.Image, **params) -> bytes:
+    """``image.save(**params)``'s bytes, encoded without holding the GIL where possible.
+
+    Saved into ``io.BytesIO``, Pillow encodes holding the GIL; saved to a file with a
+    descriptor, it encodes with the GIL released (``encode_to_file``). Measured with
+    224x224 JPEGs: two threads encoding at once ran 1.07x one thread through
+    ``BytesIO`` and 1.96x through an in-memory file (``memfd``), at the same cost per
+    image and with the same bytes. So on Linux each thread writes into its own memfd.
+    """
+    file = getattr(_ENCODE_FILES, "file", None)
+    if file is None:
+        if not hasattr(os, "memfd_create"):  # not Linux
+            out = io.BytesIO()
+            image.save(out, **params)
+            return out.getvalue()
+        fd = os.memfd_create("s3tfr-encode", os.MFD_CLOEXEC)
+        file = _ENCODE_FILES.file = open(fd, "w+b", buffering=0)  # noqa: SIM115
+    file.seek(0)
+    image.save(file, **params)
+    size = file.tell()
+    encoded = os.pread(file.fileno(), size, 0)
+    if size > _KEEP_ENCODE_FILE_BYTES:
+        file.truncate(0)
+    return encoded
 
 
 def estimated_encoded_bytes(resize: Resize, image_format: str, source_bytes: int) -> int:
