@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             + beam_args
         )
         convert.print_summary(output, result)
-        first = sorted(n for n in storage.list_files(output) if n.startswith("train-"))[0]
+        first = min(n for n in storage.list_files(output) if n.startswith("train-"))
         _show_records(storage.join(output, first))
         if os.path.isdir(args.keep):
             shutil.rmtree(args.keep)

@@ -119,7 +119,8 @@ def dask_cluster(s3_server, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dask")
     env = _worker_env()
-    # The worker config docs/RUNNING_ON_CLUSTERS.md recommends (no malloc trimming).
+    # The worker set-up docs/RUNNING_ON_CLUSTERS.md recommends (no malloc trimming, the
+    # jobs' modules preloaded).
     (tmp / "config").mkdir()
     (tmp / "config" / "distributed.yaml").write_text(
         "distributed:\n  nanny:\n    pre-spawn-environ:\n      MALLOC_TRIM_THRESHOLD_: null\n"
@@ -136,13 +137,17 @@ def dask_cluster(s3_server, tmp_path_factory):
         procs.append(
             _start([sys.executable, "-m", "distributed.cli.dask_worker", address,
                     "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
-                    "--no-dashboard", "--local-directory", str(tmp)],
+                    "--no-dashboard", "--local-directory", str(tmp),
+                    "--preload", "beam_jobs.dask_runner"],
                    env, str(tmp), str(tmp / "workers.log"))
         )  # fmt: skip
         with distributed.Client(address, timeout=START_TIMEOUT_S) as client:
             client.wait_for_workers(2, timeout=START_TIMEOUT_S)
             trim = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
             assert list(trim.values()) == [None, None], trim
+            # The preload imported the shard writer before any task arrived.
+            loaded = client.run(lambda: "transforms.tfrecords" in sys.modules)
+            assert list(loaded.values()) == [True, True], loaded
         yield address
     finally:
         for proc in reversed(procs):
