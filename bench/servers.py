@@ -2,8 +2,10 @@
 
 Real S3 runs on other machines; here the server shares the cores with the client, but
 not the client's interpreter. Run as threads of the benchmark's own process, moto and
-the proxy would share one GIL (measured: ~3.5 ms of CPU per small GET between them), and
-that one interpreter, not the client under test, would cap the request rate.
+the proxy would share one GIL, and that one interpreter, not the client under test,
+would cap the request rate. Measured: moto used 9.7 s of CPU for 2,000 set-up PUTs plus
+a 2,000-image convert job's requests; that job took 11.8-15.4 s with the server in
+threads and 10.9-12.2 s with it in processes.
 """
 
 from __future__ import annotations
