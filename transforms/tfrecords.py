@@ -4,7 +4,8 @@ One DoFn call per shard: it fetches the shard's images with many GETs in flight,
 them with :func:`transforms.examples.convert_record` (Pillow releases the GIL while it
 decodes and resizes, so one conversion per core runs in parallel), and streams the
 records, in hash order, into a local file that is then moved to its final name in one
-atomic step. Memory per call is bounded by the in-flight window, not by the shard.
+atomic step, in the background while the next shard converts. Memory per call is bounded
+by the in-flight window, not by the shard.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.transforms.window import GlobalWindows
 
 from tfdata_reader.manifest import SHARD_NAME_RE
 from transforms import s3, storage
@@ -76,6 +78,11 @@ class _Stats:
             acc[0], acc[1], acc[2] = min(acc[0], value), max(acc[1], value), acc[2] + value
 
 
+# Finished shards move to the output (an S3 upload: a round trip plus the shard's bytes)
+# while the next shard converts, instead of the decoders waiting for them; at most this
+# many per DoFn instance, each a local file until its move ends.
+_MAX_PENDING_MOVES = 2
+
 # One conversion per core in this process, shared by every DoFn instance in it (worker
 # threads run one each): more only contend for the cores and hold more decoded images.
 _DECODE_SLOTS = threading.BoundedSemaphore(usable_cpus())
@@ -126,9 +133,13 @@ class _WriteShardFn(beam.DoFn):
         # contend for the GIL.
         self._threads = self._gets if s3.is_s3(self._input) else usable_cpus()
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
+        self._moves = concurrent.futures.ThreadPoolExecutor(_MAX_PENDING_MOVES)
+        # (move's future or None, shard info) of the shards written, oldest first.
+        self._pending: collections.deque = collections.deque()
 
     def teardown(self) -> None:
         self._pool.shutdown()
+        self._moves.shutdown()
 
     def _name(self, split: str, bucket: int, all_groups: list) -> str:
         if all_groups is not self._names_of:
@@ -180,12 +191,12 @@ class _WriteShardFn(beam.DoFn):
                 stats.add(item, image)
                 self._bytes_read.inc(size)
         info = {"split": split, "file": name, "examples": stats.examples}
+        move = None
         if stats.examples:
             info.update(_file_digest(tmp))
-            storage.put_file(tmp, storage.join(self._output, name), self._config)
-            self._converted.inc(stats.examples)
-            self._bytes_written.inc(info["bytes"])
-            self._shards.inc()
+            move = self._moves.submit(
+                storage.put_file, tmp, storage.join(self._output, name), self._config
+            )
         else:
             os.remove(tmp)  # every image was rejected: the manifest renumbers the rest
         info["stats"] = {
@@ -202,7 +213,29 @@ class _WriteShardFn(beam.DoFn):
             file=sys.stderr,
             flush=True,
         )
-        yield info
+        self._pending.append((move, info))
+        yield from self._moved(keep=_MAX_PENDING_MOVES)
+
+    def finish_bundle(self):
+        for info in self._moved(keep=0):
+            yield GlobalWindows.windowed_value(info)
+
+    def _moved(self, keep: int) -> Iterator[dict]:
+        """Infos of the shards now at their final names, oldest first: all that have
+        arrived, then, waiting, until at most ``keep`` are still moving. A failed move
+        raises here, failing the bundle."""
+        while self._pending and (len(self._pending) > keep or _done(self._pending[0][0])):
+            move, info = self._pending.popleft()
+            if move is not None:
+                move.result()
+                self._converted.inc(info["examples"])
+                self._bytes_written.inc(info["bytes"])
+                self._shards.inc()
+            yield info
+
+
+def _done(move: concurrent.futures.Future | None) -> bool:
+    return move is None or move.done()
 
 
 def _file_digest(path: str) -> dict:
