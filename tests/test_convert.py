@@ -21,10 +21,12 @@ from beam_jobs.common import UserError, counters
 from beam_jobs.local_s3 import put_tree
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
 from transforms import storage
+from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
 from transforms.manifest import AccountingError, commit_dataset
 from transforms.records import ImageRef, Rejection, ShardItem, key_hash
 from transforms.sharding import AssignShards, num_shards
+from transforms.tfrecords import WriteShards
 
 # file -> rejection code, for the odd files _odd_tree adds to a sample tree
 BAD_FILES = {
@@ -125,6 +127,47 @@ def test_assign_shards_uses_only_the_key_hash():
             out["rejected"] | beam.Map(lambda r: (r.key, r.code)),
             equal_to([("zzz/other.jpg", "unknown_class")]),
             label="Rejected",
+        )
+
+
+def _shard_groups(root, shards: int) -> list:
+    keys = sorted(rel for rel, _ in storage.walk(root))
+    groups = collections.defaultdict(list)
+    for i, key in enumerate(keys):
+        size = os.path.getsize(os.path.join(root, key))
+        groups[("train", i % shards)].append(ShardItem(i, key, size, 0, key.split("/")[0]))
+    return list(groups.items())
+
+
+def test_write_shards_emits_every_shard_once_as_its_move_ends(tmp_path):
+    # More shards than moves run in the background: infos come from process() and,
+    # for the last ones, from finish_bundle.
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    write_sample_tree(src, per_class=4, corrupt=False)
+    groups = _shard_groups(src, 5)
+    with test_pipeline.TestPipeline() as p:
+        written = p | beam.Create(groups) | WriteShards(src, out, ConvertSettings())
+        expected = [
+            (f"train-{i:05d}-of-00005.tfrecord", len(items))
+            for i, (_, items) in enumerate(groups)
+        ]
+        infos = written["shards"] | beam.Map(lambda info: (info["file"], info["examples"]))
+        assert_that(infos, equal_to(expected))
+    assert sorted(os.listdir(out)) == [f"train-{i:05d}-of-00005.tfrecord" for i in range(5)]
+
+
+def test_write_shards_fails_when_a_shard_cannot_be_moved(tmp_path):
+    src, blocker = str(tmp_path / "src"), tmp_path / "a_file"
+    write_sample_tree(src, per_class=2, corrupt=False)
+    blocker.write_text("the output's parent is a file")
+    with (
+        pytest.raises(Exception, match="Not a directory|File exists"),
+        test_pipeline.TestPipeline() as p,
+    ):
+        _ = (
+            p
+            | beam.Create(_shard_groups(src, 3))
+            | WriteShards(src, str(blocker / "out"), ConvertSettings())
         )
 
 
