@@ -134,7 +134,10 @@ class _WriteShardFn(beam.DoFn):
         self._threads = self._gets if s3.is_s3(self._input) else usable_cpus()
         self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
         self._moves = concurrent.futures.ThreadPoolExecutor(_MAX_PENDING_MOVES)
-        # (move's future or None, shard info) of the shards written, oldest first.
+
+    def start_bundle(self) -> None:
+        # (move's future or None, shard info) of this bundle's shards, oldest first; a
+        # failed bundle's are dropped with it.
         self._pending: collections.deque = collections.deque()
 
     def teardown(self) -> None:
