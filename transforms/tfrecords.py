@@ -78,9 +78,9 @@ class _Stats:
             acc[0], acc[1], acc[2] = min(acc[0], value), max(acc[1], value), acc[2] + value
 
 
-# Finished shards move to the output (an S3 upload: a round trip plus the shard's bytes)
-# while the next shard converts, instead of the decoders waiting for them; at most this
-# many per DoFn instance, each a local file until its move ends.
+# Finished shards are hashed and moved to the output (an S3 upload: a round trip plus the
+# shard's bytes) while the next shard converts, instead of the decoders waiting for
+# them; at most this many per DoFn instance, each a local file until its move ends.
 _MAX_PENDING_MOVES = 2
 
 # One conversion per core in this process, shared by every DoFn instance in it (worker
@@ -196,9 +196,9 @@ class _WriteShardFn(beam.DoFn):
         info = {"split": split, "file": name, "examples": stats.examples}
         move = None
         if stats.examples:
-            info.update(_file_digest(tmp))
+            info["bytes"] = os.path.getsize(tmp)
             move = self._moves.submit(
-                storage.put_file, tmp, storage.join(self._output, name), self._config
+                _digest_and_move, tmp, storage.join(self._output, name), self._config
             )
         else:
             os.remove(tmp)  # every image was rejected: the manifest renumbers the rest
@@ -230,7 +230,7 @@ class _WriteShardFn(beam.DoFn):
         while self._pending and (len(self._pending) > keep or _done(self._pending[0][0])):
             move, info = self._pending.popleft()
             if move is not None:
-                move.result()
+                info["sha256"] = move.result()
                 self._converted.inc(info["examples"])
                 self._bytes_written.inc(info["bytes"])
                 self._shards.inc()
@@ -241,12 +241,15 @@ def _done(move: concurrent.futures.Future | None) -> bool:
     return move is None or move.done()
 
 
-def _file_digest(path: str) -> dict:
+def _digest_and_move(path: str, uri: str, config: S3Config | None) -> str:
+    """Moves a finished shard to ``uri`` (:func:`storage.put_file`); returns the hex
+    SHA-256 of its bytes, read before the move."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    storage.put_file(path, uri, config)
+    return digest.hexdigest()
 
 
 class WriteShards(beam.PTransform):
