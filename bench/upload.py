@@ -6,7 +6,9 @@ project's proxy adding 50 ms per request, as real S3 does, so concurrency matter
 (bench/servers.py).
 Prints one table with ratios, and the CPU seconds each run cost the client, the server
 and the proxy: on a small machine they share the cores, so a client's own CPU slows
-the server it waits for.
+the server it waits for. Also prints a bound on what any Beam job could show here: the
+fastest client through the proxy (the saturated loop, no Beam) plus importing Beam in a
+fresh interpreter (bench/startup.py).
 
     .venv/bin/python bench/upload.py [--small 2000] [--large 3] [--large_mb 20]
 
@@ -32,6 +34,7 @@ import numpy as np
 from beam_jobs import sample_data
 from beam_jobs.upload import DEFAULT_CONCURRENCY
 from bench.servers import proxied_s3
+from bench.startup import beam_import_seconds
 from transforms import s3
 from transforms.s3 import S3Config
 
@@ -171,7 +174,7 @@ def main() -> None:
         threads = min(runs, key=lambda t: runs[t].seconds)
         saturated = runs[threads]
         rows[f"server saturated PUT rate (direct, {threads} threads)"] = saturated
-        measured(
+        proxied = measured(
             "saturated PUT rate through the 50 ms proxy (128 threads)",
             _put_all, files, root, "bench", "saturated-proxy/", via_proxy, 128,
         )  # fmt: skip
@@ -205,6 +208,10 @@ def main() -> None:
             if got != n:
                 sys.exit(f"{prefix}: {got} objects, expected {n}")
 
+    # A pipeline's first PUT waits for Beam's import, and boto3 through the proxy has not
+    # gone faster than the saturated loop (no Beam, 128 threads, nothing else running).
+    beam_import = beam_import_seconds()
+    bound = beam_import + proxied.seconds
     job_time = job_run.seconds
     print(
         f"\n{n:,} files ({args.small:,} JPEGs of ~{(total_bytes - args.large * args.large_mb * 2**20) / max(args.small, 1) / 1024:.0f} KiB"
@@ -232,6 +239,12 @@ def main() -> None:
         f"job speed-up over serial loop: {serial.seconds / job_time:.1f}x "
         "(target >= 10x)\n"
         f"no-op rerun / first upload: {rerun.seconds / job_time:.1%} (target <= 10%)"
+    )
+    print(
+        f"\nbound for any Beam job here: importing Beam ({beam_import:.1f} s) + the "
+        f"saturated loop through the proxy ({proxied.seconds:.1f} s) = {bound:.1f} s, "
+        f"so at most {saturated.seconds / bound:.1%} of the saturated rate and "
+        f"{aws_run.seconds / bound:.2f}x awscli"
     )
 
 

@@ -233,10 +233,9 @@ def test_convert_on_local_s3_end_to_end(s3_bucket, tmp_path):
     good = _odd_tree(src)
     put_tree(str(src), s3_bucket, "images/")
     out = f"s3://{s3_bucket}/out/"
-    result = convert.run(
-        ["--input", f"s3://{s3_bucket}/images/", "--output", out, "--num_shards", "2",
-         "--validation_fraction", "0.25"]  # fmt: skip
-    )
+    args = ["--input", f"s3://{s3_bucket}/images/", "--output", out, "--num_shards", "2",
+            "--validation_fraction", "0.25"]  # fmt: skip
+    result = convert.run(args)
     info = _read_json(out + "dataset_info.json")
     labels = storage.read_bytes(out + "labels.txt").decode().splitlines()
     assert labels == ["bird", "cat", "dog"] == info["labels"]
@@ -314,10 +313,9 @@ def test_golden_determinism_in_memory_vs_multi_processing(tmp_path):
     write_sample_tree(str(tmp_path / "src"), per_class=8)
     args = ["--input", str(tmp_path / "src"), "--num_shards", "3", "--resize", "crop:48x48"]
     convert.run(args + ["--output", str(tmp_path / "a")])
-    convert.run(
-        args + ["--output", str(tmp_path / "b"), "--direct_running_mode", "multi_processing",
-                "--direct_num_workers", "2"]  # fmt: skip
-    )
+    two_processes = ["--output", str(tmp_path / "b"), "--direct_running_mode",
+                     "multi_processing", "--direct_num_workers", "2"]  # fmt: skip
+    convert.run(args + two_processes)
     files = sorted(os.listdir(tmp_path / "a"))
     assert files == sorted(os.listdir(tmp_path / "b"))
     assert "train-00002-of-00003.tfrecord" in files
@@ -362,8 +360,14 @@ def test_split_from_dirs_labels_file_and_gzip(tmp_path):
         (lambda b, t: [f"s3://{b}/images/", f"s3://no-such-bucket-{b}/o/"], "cannot write"),
         (lambda b, t: [str(t / "missing"), str(t / "out")], "not a directory"),
     ],
-    ids=["no-bucket", "empty-prefix", "no-class-folders", "output-in-input",
-         "unwritable-output", "missing-dir"],  # fmt: skip
+    ids=[
+        "no-bucket",
+        "empty-prefix",
+        "no-class-folders",
+        "output-in-input",
+        "unwritable-output",
+        "missing-dir",
+    ],
 )
 def test_user_errors_are_one_clear_line(s3_bucket, tmp_path, capsys, make_args, message):
     from transforms import s3
