@@ -327,9 +327,9 @@ def main() -> None:
     # compute loop runs in as many processes as it has workers.
     beam_import = beam_import_seconds()
     bound_seconds = beam_import + n / together
-    rows.append((f"bound at N: importing Beam ({beam_import:.1f} s) + N at the rate of "
-                 f"{args.workers} processes at once", n, bound_seconds,
-                 n / bound_seconds))  # fmt: skip
+    name = (f"bound at N: importing Beam ({beam_import:.1f} s) + N at the rate of "
+            f"{args.workers} processes at once")  # fmt: skip
+    rows.append((name, n, bound_seconds, n / bound_seconds))
     if rss_4n:
         # Both runs pay the same start-up and shutdown: the 3N images between them run
         # at the job's steady-state rate.
