@@ -14,7 +14,6 @@ import collections
 import concurrent.futures
 import functools
 import gc
-import hashlib
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindows
 
+from tfdata_reader.cache import file_sha256
 from tfdata_reader.manifest import SHARD_NAME_RE
 from transforms import s3, storage
 from transforms.examples import ConvertSettings, TFRecordFile, convert_record
@@ -244,12 +244,9 @@ def _done(move: concurrent.futures.Future | None) -> bool:
 def _digest_and_move(path: str, uri: str, config: S3Config | None) -> str:
     """Moves a finished shard to ``uri`` (:func:`storage.put_file`); returns the hex
     SHA-256 of its bytes, read before the move."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    digest = file_sha256(path)
     storage.put_file(path, uri, config)
-    return digest.hexdigest()
+    return digest
 
 
 class WriteShards(beam.PTransform):
