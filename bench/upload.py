@@ -127,8 +127,9 @@ def _put_all(files, root, bucket, prefix, config, threads) -> None:
             list(pool.map(put, files))
 
 
-def _run(cmd: list[str], env: dict) -> None:
-    result = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+def _run(cmd: list[str]) -> None:
+    """Runs a command in this process's environment (``proxied_s3`` exports the server's)."""
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(
             f"failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-2000:]}"
@@ -154,7 +155,6 @@ def main() -> None:
     root = os.path.join(CACHE, "tree")
     files, total_bytes = _tree(root, args.small, args.large, args.large_mb)
     with proxied_s3(LATENCY_MS, "bench") as servers:
-        env = {**os.environ}
         server, proxy, proxy_url = servers.server, servers.proxy, servers.proxy_endpoint
         direct = S3Config(max_pool_connections=128)
         via_proxy = S3Config(s3_endpoint_url=proxy_url, max_pool_connections=128)
@@ -188,16 +188,13 @@ def main() -> None:
             f"upload job (DirectRunner, {DEFAULT_CONCURRENCY} in flight)",
             _run,
             job,
-            env,
         )
-        rerun = measured("upload job, no-op rerun", _run, job, env)
+        rerun = measured("upload job, no-op rerun", _run, job)
         aws_cmd = [
             aws, "s3", "cp", "--recursive", "--quiet", "--exclude", ".*", root,
             "s3://bench/awscli/", "--endpoint-url", proxy_url,
         ]  # fmt: skip
-        aws_run = measured(
-            "aws s3 cp --recursive (awscli defaults)", _run, aws_cmd, env
-        )
+        aws_run = measured("aws s3 cp --recursive (awscli defaults)", _run, aws_cmd)
         serial = measured(
             "serial boto3 put_object loop",
             _put_all, files, root, "bench", "serial/", via_proxy, 1,
