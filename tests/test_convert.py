@@ -86,7 +86,7 @@ def test_list_images_emits_refs_and_rejections(tmp_path):
     with test_pipeline.TestPipeline() as p:
         listed = p | ListImages(str(tmp_path))
         assert_that(
-            listed["refs"],
+            listed["refs"] | beam.FlatMap(lambda refs: refs),
             equal_to([ImageRef(k, sizes[k], k.split("/")[0], "") for k in keys]),
             label="Refs",
         )
@@ -117,9 +117,10 @@ def test_assign_shards_uses_only_the_key_hash():
 
     with test_pipeline.TestPipeline() as p:
         labels = p | "Labels" >> beam.Create([["c0", "c1"]])
-        out = p | beam.Create(refs) | AssignShards(labels, 0.3, "salt", lambda size: size, 1, 3)
+        batches = p | beam.Create([refs[:15], refs[15:]])
+        out = batches | AssignShards(labels, 0.3, "salt", lambda size: size, 1, 3)
         assert_that(
-            out["groups"] | beam.MapTuple(lambda k, v: (k, sorted(v))),
+            out["groups"] | beam.MapTuple(lambda k, v: (k, sorted(i for b in v for i in b))),
             equal_to(expected(0.3)),
             label="Groups",
         )
@@ -136,7 +137,8 @@ def _shard_groups(root, shards: int) -> list:
     for i, key in enumerate(keys):
         size = os.path.getsize(os.path.join(root, key))
         groups[("train", i % shards)].append(ShardItem(i, key, size, 0, key.split("/")[0]))
-    return list(groups.items())
+    # As AssignShards groups them: lists of references, here two per shard.
+    return [(k, [items[::2], items[1::2]]) for k, items in groups.items()]
 
 
 def test_write_shards_emits_every_shard_once_as_its_move_ends(tmp_path):
@@ -148,8 +150,8 @@ def test_write_shards_emits_every_shard_once_as_its_move_ends(tmp_path):
     with test_pipeline.TestPipeline() as p:
         written = p | beam.Create(groups) | WriteShards(src, out, ConvertSettings())
         expected = [
-            (f"train-{i:05d}-of-00005.tfrecord", len(items))
-            for i, (_, items) in enumerate(groups)
+            (f"train-{i:05d}-of-00005.tfrecord", sum(map(len, batches)))
+            for i, (_, batches) in enumerate(groups)
         ]
         infos = written["shards"] | beam.Map(lambda info: (info["file"], info["examples"]))
         assert_that(infos, equal_to(expected))

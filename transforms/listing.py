@@ -1,10 +1,16 @@
 """ListImages: an input root laid out ``<class>/<file>`` (or ``<split>/<class>/<file>``)
-in, one :class:`ImageRef` per candidate image out, plus a :class:`Rejection` for every
-listed object that cannot be one.
+in, lists of :class:`ImageRef` (one per candidate image, up to :data:`REF_BATCH` per list)
+out, plus a :class:`Rejection` for every listed object that cannot be one.
 
 The root's first level (and the split level) is listed by one worker; the class folders
 under it are then listed in parallel, each page by page, so no process needs the whole
 listing beyond the references it emits.
+
+References travel in lists, not one element each: a runner encodes, decodes and keeps
+account of every element at each step (and on a cluster, shuffles each one). Measured on
+DirectRunner, listing, assigning and grouping 16,000 local images took 1.18-1.46 s with
+one element per reference and 1.01-1.22 s in lists (3 runs each, in turn); walking the
+folders is 0.09 s of it and hashing the keys 0.02 s.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ from transforms import storage
 from transforms.records import ImageRef, Rejection
 from transforms.s3 import S3Config
 
-__all__ = ["METRICS_NAMESPACE", "REJECTED", "ListImages", "count_rejection"]
+__all__ = ["METRICS_NAMESPACE", "REF_BATCH", "REJECTED", "ListImages", "count_rejection"]
 
 METRICS_NAMESPACE = "convert"
 REJECTED = "rejected"
+# References per list: small against a worker's memory (~200 bytes each), large enough
+# that a runner's cost per element is negligible per image.
+REF_BATCH = 1000
 
 
 def count_rejection(rejection: Rejection) -> Rejection:
@@ -82,7 +91,7 @@ class _ListRootFn(beam.DoFn):
 
 
 class _ListFolderFn(beam.DoFn):
-    """(folder, split, label) -> ImageRef per object under it, recursively."""
+    """(folder, split, label) -> lists of ImageRef, one per object under it, recursively."""
 
     def __init__(self, root: str, config: S3Config | None) -> None:
         self._root = root
@@ -91,6 +100,7 @@ class _ListFolderFn(beam.DoFn):
 
     def process(self, folder: tuple[str, str, str]):
         rel_folder, split, label = folder
+        refs = []
         for rel, size in storage.walk(storage.join(self._root, rel_folder), self._config):
             self._listed.inc()
             key = f"{rel_folder}/{rel}"
@@ -112,20 +122,26 @@ class _ListFolderFn(beam.DoFn):
                     Rejection(key, "list", "unreadable", "cannot stat (dangling link?)"),
                 )
             else:
-                yield ImageRef(key, size, label, split)
+                refs.append(ImageRef(key, size, label, split))
+                if len(refs) == REF_BATCH:
+                    yield refs
+                    refs = []
+        if refs:
+            yield refs
 
 
 class _SummaryFn(beam.CombineFn):
-    """ImageRef or Rejection -> (objects listed, sorted class names of the references)."""
+    """ImageRef lists or Rejection -> (objects listed, sorted class names of the references)."""
 
     def create_accumulator(self) -> tuple[int, set[str]]:
         return 0, set()
 
     def add_input(self, acc, listed):
         count, labels = acc
-        if isinstance(listed, ImageRef):
-            labels.add(listed.label)
-        return count + 1, labels
+        if isinstance(listed, Rejection):
+            return count + 1, labels
+        labels.update(ref.label for ref in listed)
+        return count + len(listed), labels
 
     def merge_accumulators(self, accs):
         count, labels = 0, set()
@@ -147,7 +163,7 @@ class ListImages(beam.PTransform):
         split_from_dirs: the root holds ``<split>/<class>/<file>``.
 
     Returns:
-        A dict: ``"refs"`` (``ImageRef``), ``"rejected"`` (``Rejection``), and
+        A dict: ``"refs"`` (lists of ``ImageRef``), ``"rejected"`` (``Rejection``), and
         ``"summary"``: one element, (objects listed, sorted class names of the refs),
         from one combine over the listing.
     """

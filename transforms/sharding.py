@@ -1,4 +1,4 @@
-"""AssignShards: image references in, references grouped by output shard out.
+"""AssignShards: lists of image references in, references grouped by output shard out.
 
 Split and shard membership come from a salted hash of the key (never from bundle order),
 so the output is the same on every runner and worker count, and an image keeps its split
@@ -7,6 +7,7 @@ when others are added. Only references are grouped; image bytes never are.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 
@@ -43,7 +44,7 @@ def num_shards(
 
 
 class _AssignFn(beam.DoFn):
-    """ImageRef -> (split, ShardItem), or a Rejection for unknown or invalid names."""
+    """[ImageRef] -> (split, [ShardItem]) per split; a Rejection per unknown or invalid name."""
 
     def __init__(self, validation_fraction: float, salt: str) -> None:
         self._fraction = validation_fraction
@@ -51,22 +52,37 @@ class _AssignFn(beam.DoFn):
         self._labels: list[str] | None = None
         self._index: dict[str, int] = {}
 
-    def process(self, ref: ImageRef, labels: list[str]):
+    def process(self, refs: list[ImageRef], labels: list[str]):
         if labels is not self._labels:  # side inputs are the same object per bundle
             self._labels, self._index = labels, {n: i for i, n in enumerate(labels)}
-        rejection = None
-        if ref.label not in self._index:
-            rejection = ("unknown_class", f"class {ref.label!r} is not in --labels_file")
-        elif ref.split and not _SPLIT_NAME.fullmatch(ref.split):
-            rejection = ("bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+")
-        if rejection:
-            yield pvalue.TaggedOutput(
-                REJECTED, count_rejection(Rejection(ref.key, "assign", *rejection))
+        by_split = collections.defaultdict(list)
+        for ref in refs:
+            rejection = None
+            if ref.label not in self._index:
+                rejection = ("unknown_class", f"class {ref.label!r} is not in --labels_file")
+            elif ref.split and not _SPLIT_NAME.fullmatch(ref.split):
+                rejection = ("bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+")
+            if rejection:
+                yield pvalue.TaggedOutput(
+                    REJECTED, count_rejection(Rejection(ref.key, "assign", *rejection))
+                )
+                continue
+            u, order = key_hash(self._salt, ref.key)
+            split = ref.split or ("validation" if u < self._fraction else "train")
+            by_split[split].append(
+                ShardItem(order, ref.key, ref.size, self._index[ref.label], ref.label)
             )
-            return
-        u, order = key_hash(self._salt, ref.key)
-        split = ref.split or ("validation" if u < self._fraction else "train")
-        yield split, ShardItem(order, ref.key, ref.size, self._index[ref.label], ref.label)
+        yield from by_split.items()
+
+
+def _buckets(assigned: tuple[str, list[ShardItem]], counts: dict[str, int]):
+    """(split, [ShardItem]) -> ((split, bucket), [ShardItem]) per bucket they fall in."""
+    split, items = assigned
+    by_bucket = collections.defaultdict(list)
+    for item in items:
+        by_bucket[item.order % counts[split]].append(item)
+    for bucket, members in by_bucket.items():
+        yield (split, bucket), members
 
 
 def _add_pairs(pairs):
@@ -91,7 +107,8 @@ class AssignShards(beam.PTransform):
         min_shards: the fewest shards per split when it has enough images.
 
     Returns:
-        A dict: ``"groups"`` (``((split, bucket), [ShardItem])``) and ``"rejected"``.
+        A dict: ``"groups"`` (``((split, bucket), lists of [ShardItem])``: a shard's
+        references, in lists as they were assigned) and ``"rejected"``.
     """
 
     def __init__(
@@ -122,7 +139,10 @@ class AssignShards(beam.PTransform):
         # (split, (examples, estimated bytes)) -> (split, shard count)
         shard_counts = (
             assigned.items
-            | "Sizes" >> beam.MapTuple(lambda split, item: (split, (1, estimate(item.size))))
+            | "Sizes"
+            >> beam.MapTuple(
+                lambda split, items: (split, (len(items), sum(estimate(i.size) for i in items)))
+            )
             | "SumSizes" >> beam.CombinePerKey(_add_pairs)
             | "ShardCounts"
             >> beam.MapTuple(
@@ -133,12 +153,8 @@ class AssignShards(beam.PTransform):
         )
         groups = (
             assigned.items
-            | "Bucket"
-            >> beam.Map(
-                lambda kv, counts: ((kv[0], kv[1].order % counts[kv[0]]), kv[1]),
-                pvalue.AsDict(shard_counts),
-            )
-            # ((split, bucket), [ShardItem]): references only, never image bytes.
+            | "Bucket" >> beam.FlatMap(_buckets, pvalue.AsDict(shard_counts))
+            # ((split, bucket), lists of [ShardItem]): references only, never image bytes.
             | "GroupReferences" >> beam.GroupByKey()
         )
         return {"groups": groups, "rejected": assigned[REJECTED]}

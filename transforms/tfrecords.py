@@ -100,7 +100,7 @@ def _freeze_imports() -> None:
 
 
 class _WriteShardFn(beam.DoFn):
-    """((split, bucket), [ShardItem]) -> shard info dict; Rejection per bad image."""
+    """((split, bucket), lists of [ShardItem]) -> shard info dict; Rejection per bad image."""
 
     def __init__(
         self,
@@ -175,13 +175,13 @@ class _WriteShardFn(beam.DoFn):
             return convert_record(self._settings, item, data)
 
     def process(self, group, all_groups: list):
-        (split, bucket), items = group
+        (split, bucket), batches = group
         name = self._name(split, bucket, all_groups)
         started = time.monotonic()
         stats = _Stats()
         fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
         os.close(fd)
-        ordered = sorted(items)
+        ordered = sorted(item for batch in batches for item in batch)
         with TFRecordFile(tmp, self._compression) as writer:
             window = 2 * self._threads
             results = _in_order(self._pool, self._fetch_convert, ordered, window)
