@@ -146,7 +146,10 @@ def s3_config(options: PipelineOptions) -> S3Config:
     """The project's S3 client settings from Beam's own ``S3Options`` flags."""
     from apache_beam.options.pipeline_options import S3Options
 
-    return S3Config.from_options(options.view_as(S3Options))
+    try:
+        return S3Config.from_options(options.view_as(S3Options))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def counters(result, namespace: str) -> dict[str, int]:

@@ -10,10 +10,12 @@ Any Beam runner option works alongside (``--runner``, ``--direct_num_workers``,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
+from collections.abc import Iterator
 
 import apache_beam as beam
 import botocore.exceptions
@@ -30,10 +32,11 @@ from beam_jobs.common import (
 )
 from tfdata_reader.manifest import load_info
 from transforms import s3, storage
+from transforms.commit import Lease, OutputBusy, OutputRun
 from transforms.examples import ConvertSettings
 from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
 from transforms.listing import METRICS_NAMESPACE, ListImages
-from transforms.manifest import DATASET_INFO, WriteDatasetInfo
+from transforms.manifest import WriteDatasetInfo
 from transforms.s3 import S3Config
 from transforms.sharding import AssignShards
 from transforms.tfrecords import WriteShards
@@ -178,23 +181,32 @@ def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
         raise UserError(f"{root} holds {what}: expected images laid out {layout}")
 
 
-def _check_output(output: str, input_root: str, config: S3Config) -> None:
-    """Refuses an output inside the input, and proves the output is writable."""
+def _check_output(output: str, input_root: str) -> None:
+    """Refuses an output inside the input."""
     if _normalise(output).startswith(_normalise(input_root)):
         raise UserError(
             f"output {output} is inside input {input_root}: a rerun would ingest its output"
         )
-    probe = storage.join(output, ".convert-write-check")
+
+
+@contextlib.contextmanager
+def _output_lease(output: str, config: S3Config) -> Iterator[OutputRun]:
+    """Holds the output prefix for this run (:class:`transforms.commit.Lease`); taking
+    the lease is also the proof that the output is writable."""
+    lease = Lease(output, config)
     try:
-        storage.write_bytes(probe, b"", config)
-        storage.delete(probe, config)
-        # The prefix must not look complete while this run rewrites it.
-        storage.delete(storage.join(output, DATASET_INFO), config)
+        run = lease.acquire()
+    except OutputBusy as e:
+        raise UserError(str(e)) from None
     except botocore.exceptions.ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         raise UserError(f"cannot write to {output}: {code or e}") from None
     except OSError as e:
         raise UserError(f"cannot write to {output}: {e.strerror or e}") from None
+    try:
+        yield run
+    finally:
+        lease.release()
 
 
 def _read_labels(uri: str, config: S3Config) -> list[str]:
@@ -238,7 +250,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     _validate(opts)
     config = s3_config(options)
     _check_input(opts.input, config, opts.split_from_dirs)
-    _check_output(opts.output, opts.input, config)
+    _check_output(opts.output, opts.input)
     fixed_labels = _read_labels(opts.labels_file, config) if opts.labels_file else None
     settings = ConvertSettings(
         parse_resize(opts.resize), opts.channels, opts.image_format, opts.jpeg_quality,
@@ -250,8 +262,31 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
         "options": _options_record(opts),
         "compression": "GZIP" if opts.compression == "gzip" else "",
     }
-    print(f"[convert] listing {opts.input} …", file=sys.stderr, flush=True)
+    with _output_lease(opts.output, config) as output_run:
+        result = _convert(opts, options, output_run, settings, base_info, fixed_labels)
+        if opts.analyze:
+            # Imported here: TensorFlow Transform takes seconds to load and convert alone
+            # never needs it. The analysis reads the committed shards (resized images), not
+            # the sources: its labels must be known before its pipeline is built.
+            from beam_jobs import analyze
 
+            # With the runner options as given: worker threads chosen for S3's waits are
+            # not a choice for TensorFlow Transform's many small stages.
+            analyze.analyze(opts.output, given)
+    return result
+
+
+def _convert(
+    opts: ConvertOptions,
+    options: PipelineOptions,
+    output_run: OutputRun,
+    settings: ConvertSettings,
+    base_info: dict,
+    fixed_labels: list[str] | None,
+) -> beam.runners.runner.PipelineResult:
+    """The convert pipeline itself, run while ``output_run`` holds the output."""
+    config = output_run.config
+    print(f"[convert] listing {opts.input} …", file=sys.stderr, flush=True)
     with beam.Pipeline(runner=local_runner(options), options=options) as p:
         listed = p | "ListImages" >> ListImages(opts.input, config, opts.split_from_dirs)
         if fixed_labels:
@@ -278,6 +313,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
             base_info["compression"],
             opts.max_concurrent_gets,
             config,
+            output_run,
         )
         rejected = (
             listed["rejected"],
@@ -285,17 +321,8 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
             written["rejected"],
         ) | "AllRejected" >> beam.Flatten()
         _ = {"shards": written["shards"], "rejected": rejected} | "WriteDatasetInfo" >> (
-            WriteDatasetInfo(opts.output, labels, listed_count, base_info, config)
+            WriteDatasetInfo(output_run, labels, listed_count, base_info)
         )
-    if opts.analyze:
-        # Imported here: TensorFlow Transform takes seconds to load and convert alone
-        # never needs it. The analysis reads the committed shards (resized images), not
-        # the sources: its labels must be known before its pipeline is built.
-        from beam_jobs import analyze
-
-        # With the runner options as given: worker threads chosen for S3's waits are not
-        # a choice for TensorFlow Transform's many small stages.
-        analyze.analyze(opts.output, given)
     return p.result
 
 

@@ -227,7 +227,10 @@ def _settings(opts: argparse.Namespace, config: S3Config) -> UploadSettings:
 
 
 def _client_config(opts: argparse.Namespace) -> S3Config:
-    config = S3Config.from_options(opts)
+    try:
+        config = S3Config.from_options(opts)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     # The pool must hold every request in flight: files at once, plus parts of big ones.
     return dataclasses.replace(
         config,

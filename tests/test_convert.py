@@ -21,6 +21,7 @@ from beam_jobs.common import UserError, counters
 from beam_jobs.local_s3 import put_tree
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
 from transforms import storage
+from transforms.commit import Lease, mark_written
 from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
 from transforms.manifest import AccountingError, commit_dataset
@@ -200,19 +201,30 @@ def _shard(split, file, examples, label="a"):
     return info
 
 
-def test_commit_renumbers_around_an_empty_shard_and_removes_stale(tmp_path):
+def test_commit_renumbers_around_an_empty_shard_and_removes_only_owned(tmp_path):
+    # The committed dataset owned train-00000-of-00009; the user's own shard-named file
+    # and notes are not the dataset's and stay.
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"splits": {"train": {"shards": [{"file": "train-00000-of-00009.tfrecord"}]}}}
+    ))  # fmt: skip
     for name in ("train-00000-of-00003.tfrecord", "train-00002-of-00003.tfrecord",
-                 "train-00000-of-00009.tfrecord"):  # fmt: skip
+                 "train-00000-of-00009.tfrecord", "test-00000-of-00001.tfrecord"):  # fmt: skip
         (tmp_path / name).write_bytes(b"abc")
+    (tmp_path / "notes.txt").write_bytes(b"mine")
     shards = [
         _shard("train", "train-00000-of-00003.tfrecord", 2),
         _shard("train", "train-00001-of-00003.tfrecord", 0),  # all rejected: never written
         _shard("train", "train-00002-of-00003.tfrecord", 1),
     ]
     rejected = [Rejection("a/x.jpg", "decode", "truncated", "cut")]
-    info = commit_dataset(str(tmp_path), shards, rejected, ["a"], 4, {})
+    with Lease(str(tmp_path)) as run:
+        for shard in shards:
+            if shard["examples"]:
+                mark_written(run, shard["file"])
+        info = commit_dataset(run, shards, rejected, ["a"], 4, {})
     assert sorted(os.listdir(tmp_path)) == [
-        "dataset_info.json", "labels.txt", "rejected.jsonl",
+        "dataset_info.json", "labels.txt", "notes.txt", "rejected.jsonl",
+        "test-00000-of-00001.tfrecord",
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
     ]  # fmt: skip
     assert [s["file"] for s in info["splits"]["train"]["shards"]] == [
@@ -222,8 +234,8 @@ def test_commit_renumbers_around_an_empty_shard_and_removes_stale(tmp_path):
 
 
 def test_commit_refuses_when_an_input_is_unaccounted(tmp_path):
-    with pytest.raises(AccountingError, match="listed 5"):
-        commit_dataset(str(tmp_path), [_shard("train", "t.tfrecord", 3)], [], ["a"], 5, {})
+    with Lease(str(tmp_path)) as run, pytest.raises(AccountingError, match="listed 5"):
+        commit_dataset(run, [_shard("train", "t.tfrecord", 3)], [], ["a"], 5, {})
     assert not (tmp_path / "dataset_info.json").exists()
 
 

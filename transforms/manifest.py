@@ -2,24 +2,24 @@
 dataset_info.json out.
 
 ``dataset_info.json`` is the commit marker: it is written only after every shard is in
-place under its final name and stale shards of earlier runs are gone, and only when every
-listed object is accounted for (``listed = converted + rejected``).
+place under its final name and the stale shards the dataset owned are gone, only when
+every listed object is accounted for (``listed = converted + rejected``), and only by
+the run that holds the output's lease (:mod:`transforms.commit`).
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import re
 
 import apache_beam as beam
 from apache_beam import pvalue
 
 from tfdata_reader.manifest import DATASET_INFO, FORMAT_VERSION
 from transforms import storage
+from transforms.commit import OutputRun, finish, mark_written
 from transforms.records import Rejection
-from transforms.s3 import S3Config
-from transforms.tfrecords import SHARD_NAME_PATTERN, shard_name
+from transforms.tfrecords import shard_name
 
 __all__ = [
     "DATASET_INFO",
@@ -74,24 +74,25 @@ def _merge_stats(shards: list[dict]) -> dict:
 
 
 def commit_dataset(
-    output_root: str,
+    run: OutputRun,
     shards: list[dict],
     rejected: list[Rejection],
     labels: list[str],
     listed: int,
     base_info: dict,
-    config: S3Config | None = None,
 ) -> dict:
     """Finishes a dataset: names, cleans, and writes the metadata files, manifest last.
 
     A shard whose every image was rejected was not written; the others of its split are
-    then renamed so that names run ``00000 .. N-1`` of ``N`` without a gap.
+    then renamed so that names run ``00000 .. N-1`` of ``N`` without a gap. Only files the
+    dataset owns are deleted (:func:`transforms.commit.finish`).
 
     Returns:
         The dataset_info dict that was written.
 
     Raises:
         AccountingError: if ``listed != converted + rejected`` (nothing is written then).
+        LeaseLost, FileExistsError: another run holds the prefix or committed first.
     """
     converted = sum(s["examples"] for s in shards)
     if listed != converted + len(rejected):
@@ -109,14 +110,15 @@ def commit_dataset(
         for index, shard in enumerate(written):
             final = shard_name(split, index, len(written))
             if final != shard["file"]:
-                storage.rename(
-                    storage.join(output_root, shard["file"]),
-                    storage.join(output_root, final),
-                    config,
-                )
+                mark_written(run, final)
+                storage.rename(run.uri(shard["file"]), run.uri(final), run.config)
             entries.append(
-                {"file": final, "examples": shard["examples"], "bytes": shard["bytes"],
-                 "sha256": shard["sha256"]}  # fmt: skip
+                {
+                    "file": final,
+                    "examples": shard["examples"],
+                    "bytes": shard["bytes"],
+                    "sha256": shard["sha256"],
+                }
             )
         class_counts: collections.Counter[str] = collections.Counter()
         for shard in written:
@@ -128,10 +130,6 @@ def commit_dataset(
             "class_counts": {label: class_counts.get(label, 0) for label in labels},
             "shards": entries,
         }
-    keep = {e["file"] for split in splits.values() for e in split["shards"]}
-    for name in storage.list_files(output_root, config):
-        if re.fullmatch(SHARD_NAME_PATTERN, name) and name not in keep:
-            storage.delete(storage.join(output_root, name), config)
 
     ordered = sorted(rejected, key=lambda r: (r.key, r.stage, r.code))
     by_code = collections.Counter(r.code for r in ordered)
@@ -152,19 +150,13 @@ def commit_dataset(
     }
     info["source"] = {**info.get("source", {}), "objects_listed": listed}
     storage.write_bytes(
-        storage.join(output_root, LABELS), "".join(f"{label}\n" for label in labels).encode(),
-        config,
-    )  # fmt: skip
-    storage.write_bytes(
-        storage.join(output_root, REJECTED_FILE),
-        "".join(r.to_json() + "\n" for r in ordered).encode(),
-        config,
+        run.uri(LABELS), "".join(f"{label}\n" for label in labels).encode(), run.config
     )
     storage.write_bytes(
-        storage.join(output_root, DATASET_INFO),
-        (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode(),
-        config,
+        run.uri(REJECTED_FILE), "".join(r.to_json() + "\n" for r in ordered).encode(), run.config
     )
+    keep = {e["file"] for split in splits.values() for e in split["shards"]}
+    finish(run, keep, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
     return info
 
 
@@ -172,31 +164,29 @@ class WriteDatasetInfo(beam.PTransform):
     """Commits a converted dataset once every shard is written.
 
     Args:
-        output_root: the dataset prefix.
+        run: the run that holds the output prefix.
         labels: one-element PCollection with the class names.
         listed: one-element PCollection with the number of objects listed.
         base_info: manifest fields known up front (source, options, tool).
-        config: S3 client settings.
 
     The input is a dict: ``"shards"`` (shard info dicts) and ``"rejected"`` (Rejection).
     Returns a one-element PCollection with the written dataset_info dict.
     """
 
-    def __init__(self, output_root, labels, listed, base_info: dict, config=None) -> None:
+    def __init__(self, run: OutputRun, labels, listed, base_info: dict) -> None:
         super().__init__()
-        self._output = output_root
+        self._run = run
         self._labels = labels
         self._listed = listed
         self._base = base_info
-        self._config = config
 
     def expand(self, inputs):
-        output, base, config = self._output, self._base, self._config
+        run, base = self._run, self._base
 
         def commit(results: list, labels: list[str], listed: int) -> dict:
             shards = [r for r in results if not isinstance(r, Rejection)]
             rejected = [r for r in results if isinstance(r, Rejection)]
-            return commit_dataset(output, shards, rejected, labels, listed, base, config)
+            return commit_dataset(run, shards, rejected, labels, listed, base)
 
         # One list of both (shard info dicts and rejections), so one combine: with no
         # input at all it still holds one (empty) list, and the commit still runs.

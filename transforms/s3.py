@@ -75,6 +75,18 @@ class S3Config:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_pool_connections: int = 64
 
+    def __post_init__(self) -> None:
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            given, missing = (
+                ("--s3_access_key_id", "--s3_secret_access_key")
+                if self.s3_access_key_id
+                else ("--s3_secret_access_key", "--s3_access_key_id")
+            )
+            raise ValueError(
+                f"{given} was given without {missing}: give both, or neither to use the "
+                "standard AWS chain (environment, config files, instance role)"
+            )
+
     @classmethod
     def from_options(cls, options: Any) -> S3Config:
         """Builds a config from any object with Beam ``S3Options`` attributes."""

@@ -28,6 +28,7 @@ from apache_beam.transforms.window import GlobalWindows
 from tfdata_reader.cache import file_sha256
 from tfdata_reader.manifest import SHARD_NAME_RE
 from transforms import s3, storage
+from transforms.commit import OutputRun, mark_written
 from transforms.examples import ConvertSettings, TFRecordFile, convert_record
 from transforms.host import keep_freed_heap, usable_cpus
 from transforms.images import ConvertedImage
@@ -110,7 +111,9 @@ class _WriteShardFn(beam.DoFn):
         compression: str,
         max_concurrent_gets: int,
         config: S3Config | None,
+        run: OutputRun | None,
     ) -> None:
+        self._run = run
         self._input = input_root
         self._output = output_root
         self._settings = settings
@@ -197,9 +200,7 @@ class _WriteShardFn(beam.DoFn):
         move = None
         if stats.examples:
             info["bytes"] = os.path.getsize(tmp)
-            move = self._moves.submit(
-                _digest_and_move, tmp, storage.join(self._output, name), self._config
-            )
+            move = self._moves.submit(self._digest_and_move, tmp, name)
         else:
             os.remove(tmp)  # every image was rejected: the manifest renumbers the rest
         info["stats"] = {
@@ -223,6 +224,15 @@ class _WriteShardFn(beam.DoFn):
         for info in self._moved(keep=0):
             yield GlobalWindows.windowed_value(info)
 
+    def _digest_and_move(self, path: str, name: str) -> str:
+        """Moves a finished shard to the output as ``name`` (:func:`storage.put_file`),
+        marked first as this run's; returns the hex SHA-256 of its bytes."""
+        digest = file_sha256(path)
+        if self._run is not None:
+            mark_written(self._run, name)
+        storage.put_file(path, storage.join(self._output, name), self._config)
+        return digest
+
     def _moved(self, keep: int) -> Iterator[dict]:
         """Infos of the shards now at their final names, oldest first: all that have
         arrived, then, waiting, until at most ``keep`` are still moving. A failed move
@@ -241,14 +251,6 @@ def _done(move: concurrent.futures.Future | None) -> bool:
     return move is None or move.done()
 
 
-def _digest_and_move(path: str, uri: str, config: S3Config | None) -> str:
-    """Moves a finished shard to ``uri`` (:func:`storage.put_file`); returns the hex
-    SHA-256 of its bytes, read before the move."""
-    digest = file_sha256(path)
-    storage.put_file(path, uri, config)
-    return digest
-
-
 class WriteShards(beam.PTransform):
     """Converts and writes every shard group straight to its final name.
 
@@ -259,6 +261,8 @@ class WriteShards(beam.PTransform):
         compression: ``""`` or ``"GZIP"``.
         max_concurrent_gets: GETs in flight per worker (decodes: one per core).
         config: S3 client settings.
+        run: the run holding the output's lease: each shard is marked as its own
+            before it is moved in (:func:`transforms.commit.mark_written`).
 
     Returns:
         A dict: ``"shards"`` (info dicts: split, file, examples, bytes, sha256, stats) and
@@ -273,10 +277,11 @@ class WriteShards(beam.PTransform):
         compression: str = "",
         max_concurrent_gets: int = 16,
         config: S3Config | None = None,
+        run: OutputRun | None = None,
     ) -> None:
         super().__init__()
         self._fn = _WriteShardFn(
-            input_root, output_root, settings, compression, max_concurrent_gets, config
+            input_root, output_root, settings, compression, max_concurrent_gets, config, run
         )
 
     def expand(self, groups):
