@@ -190,7 +190,8 @@ def test_an_interrupted_runs_shards_are_removed_by_the_next_run(tmp_path):
     _put_foreign(out)
     # A run that died after moving in one shard: its record names it.
     interrupted = commit.OutputRun(out, "deadbeef")
-    commit.mark_written(interrupted, "train-00003-of-00011.tfrecord")
+    marker = storage.join(interrupted.records, "written/train-00003-of-00011.tfrecord")
+    storage.write_bytes(marker, b"")
     storage.write_bytes(storage.join(out, "train-00003-of-00011.tfrecord"), b"partial run")
     convert.run(["--input", src, "--output", out, "--num_shards", "2"])
     files = _files(out)
