@@ -162,12 +162,13 @@ def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
     try:
         if not s3.is_s3(root) and not os.path.isdir(root):
             raise UserError(f"input {root} is not a directory")
-        folders = files = 0
-        for _name, size in storage.list_level(root, config):
-            folders += size is None
-            files += size is not None
-            if folders:
-                break
+        entries = list(storage.list_level(root, config))
+        tops = [name for name, size in entries if size is None and storage.is_class_folder(name)]
+        if split_from_dirs:
+            classes = [c for top in tops
+                       for c in storage.class_folders(storage.join(root, top), config)]  # fmt: skip
+        else:
+            classes = tops
     except botocore.exceptions.ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
@@ -175,9 +176,16 @@ def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
         raise UserError(f"cannot list {root}: {code or e}") from None
     except PermissionError as e:
         raise UserError(f"cannot list {root}: {e}") from None
-    if not folders:
+    if not classes:
         layout = "<split>/<class>/<file>" if split_from_dirs else "<class>/<file>"
-        what = f"{files} objects but no class folders" if files else "nothing"
+        files = sum(size is not None for _name, size in entries)
+        folders = len(entries) - files
+        if folders:
+            what = f"{folders} folders but no class folders (names starting with '.' are not classes)"
+        elif files:
+            what = f"{files} objects but no class folders"
+        else:
+            what = "nothing"
         raise UserError(f"{root} holds {what}: expected images laid out {layout}")
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
+import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -12,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
 from beam_jobs.sample_data import encode, photo_like
+from transforms import images
+from transforms.examples import ConvertSettings, convert_record
 from transforms.images import ImageError, Resize, convert_image, parse_resize
+from transforms.records import Rejection, ShardItem
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -100,7 +106,9 @@ def test_exif_orientation_applied():
 
 
 def test_progressive_rgb_jpeg_kept_byte_for_byte_without_resize():
-    data = encode(photo_like(64, 48, np.random.default_rng(1)), "JPEG", progressive=True)
+    data = encode(
+        photo_like(64, 48, np.random.default_rng(1)), "JPEG", progressive=True
+    )
     out = convert_image(data)
     assert out.encoded == data and (out.width, out.height) == (64, 48)
 
@@ -108,7 +116,9 @@ def test_progressive_rgb_jpeg_kept_byte_for_byte_without_resize():
 def test_animated_gif_gives_first_frame():
     frames = [_solid("RGB", (10, 10), c) for c in ((255, 0, 0), (0, 255, 0))]
     buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)
+    frames[0].save(
+        buf, format="GIF", save_all=True, append_images=frames[1:], duration=50
+    )
     pixels = _decode(convert_image(buf.getvalue(), image_format="png").encoded)
     assert pixels[..., 0].min() > 200 and pixels[..., 1].max() < 60
 
@@ -157,8 +167,12 @@ def test_one_pixel_image_and_panorama():
 
 @pytest.mark.parametrize(
     "spec, size",
-    [("shorter:256", (341, 256)), ("fit:224x224", (224, 168)), ("crop:224x224", (224, 224)),
-     ("none", (500, 375))],  # fmt: skip
+    [
+        ("shorter:256", (341, 256)),
+        ("fit:224x224", (224, 168)),
+        ("crop:224x224", (224, 224)),
+        ("none", (500, 375)),
+    ],
 )
 def test_resize_modes(spec, size):
     data = encode(photo_like(500, 375, np.random.default_rng(4)), "JPEG", quality=90)
@@ -170,7 +184,9 @@ def test_resize_modes(spec, size):
 def test_draft_downscale_keeps_content():
     image = photo_like(2000, 1500, np.random.default_rng(5))
     out = convert_image(encode(image, "JPEG", quality=90), parse_resize("fit:200x150"))
-    expected = np.asarray(image.resize((200, 150), Image.Resampling.BILINEAR), np.float32)
+    expected = np.asarray(
+        image.resize((200, 150), Image.Resampling.BILINEAR), np.float32
+    )
     assert np.abs(_decode(out.encoded).astype(np.float32) - expected).mean() < 8
 
 
@@ -179,6 +195,240 @@ def test_parse_resize_rejects_bad_specs():
     for bad in ("", "shorter", "fit:10", "crop:0x5", "big"):
         with pytest.raises(ValueError, match="use none"):
             parse_resize(bad)
+
+
+# ------------------------------------------------------- untrusted input
+
+
+def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, pos = [], 8
+    while pos < len(png):
+        length = struct.unpack(">I", png[pos : pos + 4])[0]
+        chunks.append((png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def _leaks(data: bytes, reason: str) -> set[str]:
+    """Runs of 4 printable bytes of ``data`` that appear in ``reason``."""
+    runs = re.findall(rb"[\x21-\x7e]{4,}", data)
+    windows = {run[i : i + 4].decode() for run in runs for i in range(len(run) - 3)}
+    return {window for window in windows if window in reason}
+
+
+_TOKEN = b"K3Y!"  # not a valid chunk type: Pillow quotes it in its exception
+
+
+def _png_with_secret_chunk() -> bytes:
+    """A PNG whose image data is cut by a chunk of type ``_TOKEN``."""
+    png = encode(photo_like(64, 48, np.random.default_rng(7)), "PNG")
+    chunks = _chunks(png)
+    data = b"".join(body for kind, body in chunks if kind == b"IDAT")
+    head = [(kind, body) for kind, body in chunks if kind not in (b"IDAT", b"IEND")]
+    parts = head + [(b"IDAT", data[: len(data) // 2]), (_TOKEN, data[len(data) // 2 :])]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(body))
+        + kind
+        + body
+        + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        for kind, body in parts
+    )
+
+
+def test_leak_check_finds_what_the_old_reasons_quoted():
+    secret = b"AWS_SECRET=abcd1234SECRET\n"
+    assert "SECR" in _leaks(secret, f"starts with {secret[:16]!r}")
+    with pytest.raises(SyntaxError, match=re.escape(repr(_TOKEN))):
+        Image.open(io.BytesIO(_png_with_secret_chunk())).load()
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"AWS_SECRET=abcd1234SECRET\naws_key_id=AKIAEXAMPLE\n", "not_an_image"),
+        (_png_with_secret_chunk(), "truncated"),
+    ],
+    ids=["credentials-file", "png-secret-chunk"],
+)
+def test_no_input_byte_reaches_the_reason_or_the_log(data, code, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ImageError) as excinfo:
+        convert_image(data)
+    assert excinfo.value.code == code
+    reason = str(excinfo.value)
+    assert not _leaks(data, reason), reason
+    assert excinfo.value.__context__ is None and excinfo.value.__cause__ is None
+    item = ShardItem(0, "cat/x.png", len(data), 0, "cat")
+    rejection = convert_record(ConvertSettings(), item, data)
+    assert rejection == Rejection("cat/x.png", "decode", code, reason)
+    assert not _leaks(data, caplog.text), caplog.text
+
+
+def test_pillow_debug_lines_that_quote_input_are_off():
+    """Pillow logs PNG chunk types at DEBUG; its logger is silenced."""
+    png = encode(photo_like(16, 12, np.random.default_rng(7)), "PNG")
+    body = b"private"
+    chunk = struct.pack(">I", len(body)) + b"sEcR" + body
+    chunk += struct.pack(">I", zlib.crc32(b"sEcR" + body) & 0xFFFFFFFF)
+    data = png[:33] + chunk + png[33:]  # after the 8-byte signature and 25-byte IHDR
+    pil = logging.getLogger("PIL")
+    assert pil.getEffectiveLevel() == logging.CRITICAL
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    pil.addHandler(handler)
+    try:
+        convert_image(data)
+        assert seen == []
+        pil.setLevel(logging.DEBUG)
+        convert_image(data)
+    finally:
+        pil.setLevel(logging.CRITICAL)
+        pil.removeHandler(handler)
+    assert any("sEcR" in line for line in seen), seen
+
+
+def _eps() -> bytes:
+    return encode(_solid("RGB", (8, 8), (1, 2, 3)), "EPS")
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (_eps(), "unsupported_format"),
+        (encode(_solid("RGB", (8, 8), (1, 2, 3)), "PPM"), "unsupported_format"),
+        (encode(_solid("RGB", (8, 8), (1, 2, 3)), "ICO"), "unsupported_format"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt"),
+        (b"%PDF-1.7\n", "not_an_image"),
+    ],
+    ids=["eps", "ppm", "ico", "png-broken-header", "pdf"],
+)
+def test_only_supported_formats_reach_a_decoder(data, code, monkeypatch):
+    ghostscript_calls = []
+    monkeypatch.setattr(
+        EpsImagePlugin,
+        "Ghostscript",
+        lambda *args, **kw: ghostscript_calls.append(args),
+    )
+    with pytest.raises(ImageError) as excinfo:
+        convert_image(data)
+    assert excinfo.value.code == code and ghostscript_calls == []
+    if code != "corrupt":
+        assert "JPEG, PNG, GIF, WebP, TIFF, BMP and MPO" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "image, fmt",
+    [
+        (photo_like(40, 30, np.random.default_rng(8)), "TIFF"),
+        (photo_like(40, 30, np.random.default_rng(8)), "BMP"),
+    ],
+)
+def test_tiff_and_bmp_convert(image, fmt):
+    out = convert_image(encode(image, fmt), parse_resize("fit:20x20"))
+    assert out.source_format == fmt.lower() and (out.width, out.height) == (20, 15)
+
+
+def test_exif_rotated_tiff_is_rotated_once_and_keeps_its_aspect():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo_like(40, 20, np.random.default_rng(0)), "TIFF", exif=exif)
+    out = convert_image(data, parse_resize("fit:16x16"))
+    assert (out.source_width, out.source_height) == (20, 40)
+    assert (out.width, out.height) == (8, 16)
+
+
+def test_side_longer_than_jpeg_allows_is_refused_before_decoding():
+    data = encode(Image.new("RGB", (1, 100_000)), "PNG")
+    with pytest.raises(ImageError) as excinfo:
+        convert_image(data)
+    assert excinfo.value.code == "too_large_for_jpeg"
+    assert "65,535" in str(excinfo.value)
+    assert convert_image(data, image_format="png").height == 100_000
+    assert convert_image(data, parse_resize("fit:224x224")).height == 224
+
+
+def test_pixel_limit_weighs_what_the_decoder_holds():
+    """A progressive 4:4:4 JPEG keeps 6 bytes of coefficients a pixel in libjpeg."""
+    image = photo_like(100, 100, np.random.default_rng(6))
+    progressive = encode(image, "JPEG", progressive=True, subsampling=0)
+    with pytest.raises(ImageError, match="10 bytes per pixel") as excinfo:
+        convert_image(progressive, max_pixels=12_000)
+    assert excinfo.value.code == "decompression_bomb"
+    assert convert_image(encode(image, "JPEG"), max_pixels=12_000).width == 100
+    assert convert_image(progressive, max_pixels=12_500).width == 100
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(
+            np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21 + 7
+        ),  # 16-bit gray
+        Image.fromarray(
+            np.linspace(-0.2, 1.0, 64 * 48, dtype=np.float32).reshape(48, 64)
+        ),
+        photo_like(64, 48, np.random.default_rng(3)).convert("RGBA"),
+        photo_like(64, 48, np.random.default_rng(3)).quantize(8),
+    ],
+    ids=["I;16", "F", "RGBA", "P+transparency"],
+)
+def test_conversion_by_strips_gives_the_same_bytes(image, monkeypatch):
+    if image.mode == "RGBA":
+        image.putalpha(Image.linear_gradient("L").resize(image.size))
+    params = {"transparency": 2} if image.mode == "P" else {}
+    data = encode(image, "TIFF" if image.mode == "F" else "PNG", **params)
+    whole = [
+        convert_image(data, resize, image_format="png", channels=channels)
+        for resize, channels in itertools.product(
+            (Resize(), parse_resize("crop:20x20")), (1, 3)
+        )
+    ]
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 100)  # strips of one or two rows
+    strips = [
+        convert_image(data, resize, image_format="png", channels=channels)
+        for resize, channels in itertools.product(
+            (Resize(), parse_resize("crop:20x20")), (1, 3)
+        )
+    ]
+    assert strips == whole
+
+
+def test_float_samples_in_zero_to_one_are_scaled():
+    array = np.array([[0.0, 0.5, 1.0, np.nan]], dtype=np.float32)
+    out = convert_image(
+        encode(Image.fromarray(array), "TIFF"), image_format="png", channels=1
+    )
+    assert _decode(out.encoded).tolist() == [[0, 128, 255, 0]]
+
+
+def test_time_budget_rejects_between_stages(monkeypatch):
+    clock = itertools.count(0.0, 10.0)  # every look at the clock: 10 s later
+    monkeypatch.setattr(images.time, "monotonic", lambda: next(clock))
+    data = encode(photo_like(64, 48, np.random.default_rng(1)), "PNG")
+    with pytest.raises(ImageError, match="more than 25 s") as excinfo:
+        convert_image(data, time_budget_s=25)
+    assert excinfo.value.code == "too_slow"
+    assert convert_image(data, time_budget_s=1e9).width == 64
+
+
+def test_any_failure_is_a_rejection_that_holds_nothing(monkeypatch):
+    def fail(image, stage):
+        raise MemoryError
+
+    monkeypatch.setattr(images, "_to_8bit", fail)
+    data = encode(photo_like(64, 48, np.random.default_rng(1)), "PNG")
+    with pytest.raises(ImageError) as excinfo:
+        convert_image(data)
+    assert excinfo.value.code == "out_of_memory"
+    assert excinfo.value.__context__ is None
+    frames = [entry.name for entry in excinfo.traceback]
+    assert frames[-1] == "convert_image", frames  # no frame of the conversion inside
+
+    monkeypatch.setattr(images, "_to_8bit", lambda image, stage: 1 / 0)
+    with pytest.raises(ImageError) as excinfo:
+        convert_image(data)
+    assert excinfo.value.code == "convert_failed"
 
 
 _FAULTS_PER_CONVERSION = """

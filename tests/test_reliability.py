@@ -574,7 +574,7 @@ ODD_FILES = [
     "validation/b.jpg", "dog/one_pixel.png", "dog/panorama.jpg",
 ]  # fmt: skip
 # Keys only S3 can hold (no local file has them), each kept as a distinct image.
-S3_ONLY_KEYS = ["cat/../dotdot.jpg", "dog//double.jpg", "dog/" + "K" * 900 + ".jpg"]
+S3_ONLY_KEYS = ["cat/../dotdot.jpg", "dog/" + "K" * 900 + ".jpg"]
 # Objects that are not images, each rejected with its reason.
 S3_REJECTED = {
     "cat/": ("directory_marker", b""),
@@ -583,6 +583,8 @@ S3_REJECTED = {
     "dog/bomb.png": ("decompression_bomb", _png_claiming(100_000, 100_000)),
     # a small PNG that would need 32 x 3,200,000 pixels before the centre crop
     "dog/thin.png": ("resize_too_large", encode(Image.new("RGB", (1, 100_000)), "PNG")),
+    # an image, but its key has an empty segment: no folder names it
+    "dog//double.jpg": ("empty_segment", encode(photo_like(30, 20, np.random.default_rng(1)), "JPEG")),
 }
 
 

@@ -1,8 +1,11 @@
 """make_dataset_from_images: an unconverted ``<class>/<file>`` tree in, batches out.
 
 For small data and for checking the converted output: one GET (or file read) per image,
-many in flight, no manifest. Labels are the sorted class folder names, as in the convert
-job and ``tf.keras.utils.image_dataset_from_directory``. Undecodable files are skipped.
+many in flight, no manifest. Classes and candidate files follow the convert job's rules
+(:mod:`transforms.listing`): the class folders of
+``tf.keras.utils.image_dataset_from_directory`` (every folder not starting with ``.``,
+sorted, an empty one included), their files found recursively. Files the convert job
+would reject are skipped here without a record, undecodable ones included.
 """
 
 from __future__ import annotations
@@ -26,17 +29,24 @@ DEFAULT_CONCURRENCY = 32
 def list_images(
     uri: str, config: S3Config | None = None
 ) -> tuple[list[str], list[int], list[str]]:
-    """``(relative keys, label indices, class names)`` of the images under ``uri``, sorted."""
-    keys = sorted(
-        name
-        for name, size in storage.walk(uri, config)
-        if name.count("/") == 1 and size and not name.rsplit("/", 1)[1].startswith(".")
+    """``(relative keys, label indices, class names)`` of the images under ``uri``.
+
+    Keys are sorted; the class names are every class folder's, sorted, whether or not it
+    holds an image (:func:`transforms.storage.class_folders`).
+
+    Raises:
+        DatasetError: no candidate image in any class folder.
+    """
+    classes = storage.class_folders(uri, config)
+    labelled = sorted(
+        (key, index)
+        for index, name in enumerate(classes)
+        for key, size in storage.walk_folder(uri, name, config)
+        if storage.candidate_rejection(key, size) is None
     )
-    classes = sorted({k.split("/", 1)[0] for k in keys})
-    if not keys:
+    if not labelled:
         raise DatasetError(f"no <class>/<file> images under {uri}")
-    index = {c: i for i, c in enumerate(classes)}
-    return keys, [index[k.split("/", 1)[0]] for k in keys], classes
+    return [key for key, _ in labelled], [index for _, index in labelled], classes
 
 
 def make_dataset_from_images(

@@ -12,11 +12,22 @@ import functools
 import gzip
 import hashlib
 import struct
+from typing import TYPE_CHECKING
 
 import google_crc32c
 
-from transforms.images import ConvertedImage, ImageError, Resize, convert_image
+from transforms.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_TIME_BUDGET_S,
+    ConvertedImage,
+    ImageError,
+    Resize,
+    convert_image,
+)
 from transforms.records import Rejection, ShardItem
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; annotations are not evaluated at run time
 
 __all__ = [
     "ConvertSettings",
@@ -32,11 +43,13 @@ __all__ = [
 class ConvertSettings:
     """What :func:`convert_image` is called with, for every image of a job."""
 
-    resize: Resize = Resize()
+    resize: Resize = dataclasses.field(default_factory=Resize)
     channels: int = 3
     image_format: str = "jpeg"
     jpeg_quality: int = 90
-    max_pixels: int = 100_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Seconds one image may take before it is rejected as too_slow.
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S
 
     def convert(self, data: bytes) -> ConvertedImage:
         return convert_image(
@@ -46,6 +59,7 @@ class ConvertSettings:
             image_format=self.image_format,
             jpeg_quality=self.jpeg_quality,
             max_pixels=self.max_pixels,
+            time_budget_s=self.time_budget_s,
         )
 
 
@@ -83,7 +97,7 @@ def encode_example(features: dict[str, bytes | int]) -> bytes:
         if isinstance(value, bytes):
             feature = _field(1, _field(1, value))  # Feature.bytes_list.value
         else:
-            feature = _field(3, _field(1, _varint(value)))  # Feature.int64_list (packed)
+            feature = _field(3, _field(1, _varint(value)))  # Feature.int64_list, packed
         entries.append(_field(1, _map_key(key) + _field(2, feature)))
     return _field(1, b"".join(entries))  # Example.features.feature map
 
@@ -154,7 +168,7 @@ class TFRecordFile:
             self._out.close()
         self._raw.close()
 
-    def __enter__(self) -> TFRecordFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -166,7 +180,8 @@ def convert_record(settings: ConvertSettings, item: ShardItem, data: bytes):
 
     Returns:
         ``(framed record, source size, image with its encoded bytes dropped)`` or a
-        :class:`Rejection`; never raises for a bad image.
+        :class:`Rejection`; never raises for a bad image (:func:`convert_image` raises
+        only :class:`ImageError`, whose reason holds no byte of the input).
     """
     try:
         image = settings.convert(data)

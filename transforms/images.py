@@ -1,31 +1,40 @@
 """Image functions: bytes of any image file in, a normalised encoded image out.
 
 Pure Python + Pillow, no Beam: the DoFns, the benchmarks' compute limit and the tests all
-call :func:`convert_image`. What it guarantees (DESIGN.md, "Images"):
+call :func:`convert_image`. What it guarantees:
 
-- the format is decided by content, never by file extension;
+- the format is decided by content, never by file extension, and only JPEG, PNG, GIF,
+  WebP, TIFF, BMP and MPO files reach a decoder;
 - EXIF orientation is applied; animated images give their first frame;
 - every mode becomes RGB (or L with ``channels=1``): alpha is composited on white,
   16-bit samples are scaled to 8 bits (Pillow's ``convert`` would clip them), palette and
   CMYK are converted;
-- decompression bombs (more than ``max_pixels``), truncated files, zero-byte and non-image
-  objects raise :class:`ImageError` with a reason a person can act on.
+- every input either converts or raises :class:`ImageError` with a stable code and a
+  reason a person can act on, built from fixed text and numbers, never from the input's
+  bytes: decompression bombs (more pixels, or more bytes of working memory, than
+  ``max_pixels`` allows), truncated or corrupt files, unsupported formats, zero-byte
+  and non-image objects, and conversions that run past their time budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import os
 import re
 import threading
+import time
+import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_TIME_BUDGET_S",
+    "JPEG_MAX_SIDE",
     "ConvertedImage",
     "ImageError",
     "Resize",
@@ -35,12 +44,60 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_TIME_BUDGET_S = 60.0
+# JPEG's frame header holds each side in 16 bits.
+JPEG_MAX_SIDE = 65_535
 BACKGROUND = (255, 255, 255)
+# The decoders an input may reach, most common first. Pillow would otherwise try every
+# plugin it has, and hand EPS and PostScript files to Ghostscript where it is installed.
+# MPO files open through the JPEG plugin.
+_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+_FORMAT_NAMES = {"JPEG": "JPEG", "PNG": "PNG", "GIF": "GIF", "WEBP": "WebP",
+                 "TIFF": "TIFF", "BMP": "BMP", "MPO": "MPO"}  # fmt: skip
+_SUPPORTED = "JPEG, PNG, GIF, WebP, TIFF, BMP and MPO"
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_ORIENTATION = 0x0112  # the EXIF tag
+# What ImageOps.exif_transpose does for each EXIF orientation.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Pillow keeps 1, L and P in a byte per pixel, the 16-bit modes in two and every other
+# mode (RGB included) in four.
+_DECODED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# One conversion may hold this many bytes per pixel of ``max_pixels``: the decoded image
+# and one full-size copy of four bytes a pixel (a rotated RGB image, CMYK converted to
+# RGB) - what any ordinary 8-bit image at the pixel limit needs.
+_BUDGET_BYTES_PER_PIXEL = 8
+# Pixel-wise work on large images (16-bit scaling, alpha compositing) goes a strip of
+# about this many pixels at a time, so that no full-size temporary is made.
+_STRIP_PIXELS = 1 << 20
+# v / 257 rounded to the nearest integer, for every 16-bit v: (v + 128) // 257.
+_SCALE_16_TO_8 = ((np.arange(1 << 16, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+_STAGES = {
+    "open": "reading its header",
+    "orient": "reading its EXIF orientation",
+    "decode": "decoding its pixels",
+    "convert": "converting its pixels",
+    "resize": "resizing it",
+    "encode": "encoding the output",
+}
+
 # Pillow's own bomb check only warns below 2x its global limit; ours (max_pixels) is
 # exact and per call, so the global one is switched off.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's log lines and warnings are all about the file being decoded, and some quote
+# its bytes (PNG chunk types and TIFF tag values at DEBUG): no byte of an input may
+# reach a log, and an image's failure is already its rejection.
+logging.getLogger("PIL").setLevel(logging.CRITICAL)
+warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 class ImageError(ValueError):
@@ -99,7 +156,8 @@ def parse_resize(spec: str) -> Resize:
     if match and int(match[2]) > 0 and int(match[3]) > 0:
         return Resize(match[1], int(match[2]), int(match[3]))
     raise ValueError(
-        f"bad resize {spec!r}: use none, shorter:SIDE, fit:WxH or crop:WxH (e.g. crop:224x224)"
+        f"bad resize {spec!r}: use none, shorter:SIDE, fit:WxH or crop:WxH "
+        "(e.g. crop:224x224)"
     )
 
 
@@ -115,57 +173,228 @@ class ConvertedImage:
     source_width: int
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    if not data:
-        raise ImageError("zero_bytes", "zero-byte object: nothing to decode")
+class _Stage:
+    """The stage one conversion is in (its rejection's code) and its time budget.
+
+    Pillow cannot be interrupted inside a decoder or a resize, so the budget is checked
+    between stages and between strips: a conversion stops at the first check past its
+    deadline. What one stage can cost is bounded by the pixel limit.
+    """
+
+    __slots__ = ("_budget_s", "_deadline", "name")
+
+    def __init__(self, budget_s: float) -> None:
+        self.name = "open"
+        self._budget_s = budget_s
+        self._deadline = time.monotonic() + budget_s
+
+    def enter(self, name: str) -> None:
+        self.check()
+        self.name = name
+
+    def check(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise ImageError(
+                "too_slow",
+                f"stopped after more than {self._budget_s:g} s, while "
+                f"{_STAGES[self.name]}: the image costs too much to convert",
+            )
+
+
+def _accepts(accept, prefix: bytes) -> bool:
+    """Whether a Pillow plugin's signature check takes ``prefix``."""
     try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        head = data[:16]
-        raise ImageError(
-            "not_an_image", f"not an image: unrecognised content (starts with {head!r})"
-        ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError("corrupt", f"corrupt image header: {e}") from None
+        result = accept(prefix)
+    except Exception:  # noqa: BLE001 - a plugin's check on a short or odd prefix
+        return False
+    return bool(result) and not isinstance(result, str)
+
+
+def _claimed_format(prefix: bytes) -> str | None:
+    """The supported format whose signature ``prefix`` starts with, if any."""
+    Image.init()
+    for name in _FORMATS:
+        if name in Image.OPEN and _accepts(Image.OPEN[name][1], prefix):
+            return name
+    return None
+
+
+def _unidentified(prefix: bytes) -> ImageError:
+    claimed = _claimed_format(prefix)
+    if claimed:
+        return ImageError(
+            "corrupt",
+            f"corrupt image header: the file starts like a {_FORMAT_NAMES[claimed]} "
+            "file, but its header cannot be read",
+        )
+    for name, (_factory, accept) in Image.OPEN.items():
+        if name not in _FORMATS and accept is not None and _accepts(accept, prefix):
+            return ImageError(
+                "unsupported_format",
+                f"unsupported format: a {name} file (only {_SUPPORTED} are converted)",
+            )
+    return ImageError(
+        "not_an_image",
+        f"not an image: the content is none of the formats converted ({_SUPPORTED})",
+    )
+
+
+def _rejection(stage: _Stage, error: Exception, data: bytes) -> ImageError:
+    """The rejection for ``error``, raised while at ``stage``: fixed text per stage."""
+    doing = _STAGES[stage.name]
+    if isinstance(error, MemoryError):
+        return ImageError(
+            "out_of_memory",
+            f"out of memory while {doing}: lower --max_pixels, or give the workers "
+            "more memory",
+        )
+    if isinstance(error, Image.DecompressionBombError):
+        return ImageError(
+            "decompression_bomb",
+            "refused by Pillow's own pixel limit (Image.MAX_IMAGE_PIXELS, which this "
+            "module switches off: another one set it)",
+        )
+    if stage.name == "open":
+        name = _FORMAT_NAMES.get(_claimed_format(data[:16]) or "", "image")
+        return ImageError(
+            "corrupt", f"corrupt image header: the {name} header cannot be read"
+        )
+    if stage.name in ("orient", "decode"):
+        return ImageError(
+            "truncated",
+            f"truncated or corrupt image data: the decoder failed while {doing}",
+        )
+    if stage.name == "encode":
+        return ImageError("encode_failed", "cannot encode the converted image")
+    return ImageError(
+        "convert_failed", f"cannot convert the decoded image: failed while {doing}"
+    )
+
+
+def _decoder_bytes_per_pixel(image: Image.Image) -> float:
+    """What a decoder holds beside the decoded image, in bytes per pixel."""
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        # libjpeg keeps every DCT coefficient (2 bytes) of a progressive file, at full
+        # size even when it decodes at a reduced scale.
+        layers = getattr(image, "layer", [])[:4]
+        h_max = max([h for _, h, _, _ in layers] + [1])
+        v_max = max([v for _, _, v, _ in layers] + [1])
+        return 2 * sum(max(h, 1) * max(v, 1) for _, h, v, _ in layers) / (h_max * v_max)
+    if image.format == "WEBP":
+        return 8  # libwebp's canvas and previous frame, RGBA
+    if image.format == "TIFF" and image.info.get("compression", "raw") != "raw":
+        # libtiff decodes a strip at a time, and one strip may be the whole image.
+        bits = image.tag_v2.get(258, 8)  # BitsPerSample
+        return (sum(bits) if isinstance(bits, tuple) else bits) / 8
+    return 0
+
+
+def _working_bytes_per_pixel(image: Image.Image, channels: int) -> float:
+    """The most bytes per source pixel that converting ``image`` holds at one time.
+
+    Converting holds two full-size images at a time: the decoded one (or its 8-bit,
+    rotated or composited successor) and the next; a decoder may hold its own buffers
+    beside the decoded image.
+    """
+    decoded = _DECODED_BYTES.get(image.mode, 4)
+    converting = decoded + max(decoded, 1 if channels == 1 else 4)
+    return max(converting, decoded + _decoder_bytes_per_pixel(image))
+
+
+def _check_pixels(image: Image.Image, channels: int, max_pixels: int) -> None:
     width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageError(
+            "corrupt", f"corrupt image header: it claims a size of {width}x{height}"
+        )
     if width * height > max_pixels:
         raise ImageError(
             "decompression_bomb",
             f"image claims {width}x{height} = {width * height:,} pixels, above the limit "
             f"of {max_pixels:,} (raise --max_pixels to accept it)",
         )
-    return image
+    per_pixel = _working_bytes_per_pixel(image, channels)
+    if width * height * per_pixel > max_pixels * _BUDGET_BYTES_PER_PIXEL:
+        kind = image.mode if image.mode in Image.MODES else "other"
+        name = _FORMAT_NAMES.get(image.format or "", "image")
+        raise ImageError(
+            "decompression_bomb",
+            f"a {width}x{height} {name} image in mode {kind} needs about "
+            f"{per_pixel:.3g} bytes per pixel to convert, "
+            f"{width * height * per_pixel / 1e6:,.0f} MB: above the "
+            f"{max_pixels * _BUDGET_BYTES_PER_PIXEL / 1e6:,.0f} MB that the limit of "
+            f"{max_pixels:,} pixels allows ({_BUDGET_BYTES_PER_PIXEL} bytes per pixel; "
+            "raise --max_pixels to accept it)",
+        )
 
 
-def _orientation(image: Image.Image) -> int:
-    return image.getexif().get(ImageOps.ExifTags.Base.Orientation, 1)
+def _orientation(image: Image.Image):
+    """The EXIF orientation left to apply; for a PNG this decodes the image (its eXIf
+    chunk may follow the pixels)."""
+    if image.format == "TIFF":
+        return 1  # Pillow's TIFF plugin gives the displayed size and rotates on load
+    return image.getexif().get(_ORIENTATION, 1)
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scales 16/32-bit integer and float samples into 0..255 instead of clipping."""
+def _strips(image: Image.Image, stage: _Stage):
+    """(first row, strip) of ``image``, strips of about ``_STRIP_PIXELS`` pixels."""
+    width, height = image.size
+    step = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, step):
+        stage.check()
+        yield top, image.crop((0, top, width, min(height, top + step)))
+
+
+def _to_8bit(image: Image.Image, stage: _Stage) -> Image.Image:
+    """Scales 16/32-bit integer and float samples into 0..255 instead of clipping.
+
+    A strip at a time, in integers for 16 and 32 bits: the same bytes as rounding
+    ``v / 257`` over the whole image in float64, without full-size float64 copies.
+    """
     if image.mode in _SIXTEEN_BIT_MODES:
-        array = np.asarray(image).astype(np.float64)
-        return Image.fromarray(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8))
-    if image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        if array.size and np.nanmax(array) <= 1.0:
-            array = array * 255.0
-        array = np.nan_to_num(array)
-        return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
-    return image
+
+        def scale(block: np.ndarray) -> np.ndarray:
+            if block.dtype.itemsize == 2:
+                return _SCALE_16_TO_8[block]
+            return np.clip((block.astype(np.int64) + 128) // 257, 0, 255)
+
+    elif image.mode == "F":
+        peaks = [
+            np.fmax.reduce(np.asarray(strip), axis=None)
+            for _, strip in _strips(image, stage)
+        ]
+        # Samples in 0..1 are scaled to 0..255; NaN counts as 0.
+        factor = 255.0 if peaks and np.fmax.reduce(peaks) <= 1.0 else 1.0
+
+        def scale(block: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore"):  # signalling NaNs, read as quiet ones
+                array = np.nan_to_num(block.astype(np.float64) * factor)
+            return np.clip(np.rint(array), 0, 255)
+
+    else:
+        return image
+    out = np.empty((image.height, image.width), np.uint8)
+    for top, strip in _strips(image, stage):
+        block = np.asarray(strip)
+        out[top : top + block.shape[0]] = scale(block)
+    return Image.fromarray(out)
 
 
-def _to_channels(image: Image.Image, channels: int) -> Image.Image:
-    image = _to_8bit(image)
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        image = Image.alpha_composite(background, rgba)
-    target = "L" if channels == 1 else "RGB"
-    return image if image.mode == target else image.convert(target)
+def _composite_strip(image: Image.Image, target: str) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert(target)
+
+
+def _composite(image: Image.Image, target: str, stage: _Stage) -> Image.Image:
+    """``image`` over a white background, as ``target``: by strips when large, so that
+    only the output is full-size beside the source."""
+    if image.width * image.height <= _STRIP_PIXELS:
+        return _composite_strip(image, target)
+    out = Image.new(target, image.size)
+    for top, strip in _strips(image, stage):
+        out.paste(_composite_strip(strip, target), (0, top))
+    return out
 
 
 def convert_image(
@@ -176,16 +405,19 @@ def convert_image(
     image_format: str = "jpeg",
     jpeg_quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
 ) -> ConvertedImage:
     """Decodes, orients, converts and resizes one image, then encodes it.
 
     Args:
-        data: the source file's bytes, any format Pillow reads.
+        data: the source file's bytes: JPEG, PNG, GIF, WebP, TIFF, BMP or MPO.
         resize: output size policy.
         channels: 3 (RGB) or 1 (grayscale).
         image_format: ``jpeg`` or ``png`` for the output.
         jpeg_quality: 1..95 for JPEG output.
-        max_pixels: refuse sources with more pixels than this.
+        max_pixels: refuse sources with more pixels than this, or whose conversion
+            needs more than 8 bytes of working memory per pixel of it.
+        time_budget_s: refuse a source still converting after this many seconds.
 
     Returns:
         The encoded image and its dimensions. With ``resize`` none, JPEG output and an RGB
@@ -193,10 +425,43 @@ def convert_image(
         kept as they are (no generation loss), after a full decode proves them intact.
 
     Raises:
-        ImageError: for any input that cannot become an image, with ``code`` and reason.
+        ImageError: for any input that cannot become an image, with ``code`` and reason;
+            nothing else, whatever the bytes.
     """
-    image = _open(data, max_pixels)
+    stage = _Stage(time_budget_s)
+    try:
+        return _convert(
+            data, resize, channels, image_format, jpeg_quality, max_pixels, stage
+        )
+    except ImageError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - one input's failure is its rejection
+        error = _rejection(stage, e, data)
+    # Raised bare: the rejection keeps no frame, decoded image or Pillow message alive.
+    error.__context__ = error.__cause__ = None
+    raise error.with_traceback(None)
+
+
+def _convert(
+    data: bytes,
+    resize: Resize,
+    channels: int,
+    image_format: str,
+    jpeg_quality: int,
+    max_pixels: int,
+    stage: _Stage,
+) -> ConvertedImage:
+    if not data:
+        raise ImageError("zero_bytes", "zero-byte object: nothing to decode")
+    try:
+        image = Image.open(io.BytesIO(data), formats=_FORMATS)
+    except UnidentifiedImageError:
+        image = None
+    if image is None:
+        raise _unidentified(data[:16])
+    _check_pixels(image, channels, max_pixels)
     source_format = (image.format or "unknown").lower()
+    stage.enter("orient")
     orientation = _orientation(image)
     rotated = orientation in (5, 6, 7, 8)
     source_width, source_height = image.size[::-1] if rotated else image.size
@@ -210,51 +475,83 @@ def convert_image(
             f"{target_width}x{target_height} image, above the limit of {max_pixels:,} "
             "pixels (extreme aspect ratio)",
         )
-    try:
-        if image.format == "JPEG" and resize.mode != "none":
-            # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale when that still
-            # leaves at least the target size. Sizes here are before EXIF rotation.
-            draft = (target_height, target_width) if rotated else (target_width, target_height)
-            image.draft(image.mode if image.mode in ("RGB", "L") else None, draft)
-        image.load()
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
-        oriented = ImageOps.exif_transpose(image) if orientation != 1 else image
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError("truncated", f"truncated or corrupt image data: {e}") from None
+    out_width, out_height = (
+        (resize.width, resize.height)
+        if resize.mode == "crop"
+        else (target_width, target_height)
+    )
+    if image_format == "jpeg" and max(out_width, out_height) > JPEG_MAX_SIDE:
+        raise ImageError(
+            "too_large_for_jpeg",
+            f"the output would be {out_width}x{out_height}, and JPEG holds at most "
+            f"{JPEG_MAX_SIDE:,} pixels a side: use --image_format png or a --resize "
+            "that shrinks it",
+        )
 
-    keep_original = (
+    stage.enter("decode")
+    if image.format == "JPEG" and resize.mode != "none":
+        # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale when that still
+        # leaves at least the target size. Sizes here are before EXIF rotation.
+        draft = (
+            (target_height, target_width) if rotated else (target_width, target_height)
+        )
+        image.draft(image.mode if image.mode in ("RGB", "L") else None, draft)
+    # Frame 0 (an animation's first) is the one Image.open positions on.
+    image.load()
+    if (
         resize.mode == "none"
         and image_format == "jpeg"
         and source_format == "jpeg"
-        and oriented is image
+        and orientation == 1
         and image.mode == ("L" if channels == 1 else "RGB")
-    )
-    if keep_original:
+    ):
         return ConvertedImage(
             data, "jpeg", source_height, source_width, channels,
             source_format, source_height, source_width,
         )  # fmt: skip
 
-    converted = _to_channels(oriented, channels)
-    if resize.mode != "none" and converted.size != (target_width, target_height):
-        converted = converted.resize(
+    # Pixel-wise steps commute with the rotation, so it is done on the smallest form of
+    # the image; each step's result replaces the previous image, which is freed.
+    stage.enter("convert")
+    image = _to_8bit(image, stage)
+    method = _TRANSPOSE.get(orientation)
+    if method is not None:
+        image = image.transpose(method)
+    target = "L" if channels == 1 else "RGB"
+    if image.mode in _ALPHA_MODES or (
+        image.mode == "P" and "transparency" in image.info
+    ):
+        image = _composite(image, target, stage)
+    else:
+        # Gray is resized before it becomes RGB: the same pixels, a third of the work.
+        mode = "L" if image.mode in ("1", "L") else target
+        if image.mode != mode:
+            image = image.convert(mode)
+
+    stage.enter("resize")
+    if resize.mode != "none" and image.size != (target_width, target_height):
+        image = image.resize(
             (target_width, target_height), Image.Resampling.BILINEAR, reducing_gap=None
         )
     if resize.mode == "crop":
-        left = (converted.width - resize.width) // 2
-        top = (converted.height - resize.height) // 2
-        converted = converted.crop((left, top, left + resize.width, top + resize.height))
+        left = (image.width - resize.width) // 2
+        top = (image.height - resize.height) // 2
+        image = image.crop((left, top, left + resize.width, top + resize.height))
+    if image.mode != target:
+        image = image.convert(target)
 
-    try:
-        if image_format == "png":
-            encoded = _encode(converted, format="PNG", compress_level=6)
-        else:
-            encoded = _encode(converted, format="JPEG", quality=jpeg_quality)
-    except (OSError, ValueError) as e:
-        raise ImageError("encode_failed", f"cannot encode {converted.size}: {e}") from None
+    stage.enter("encode")
+    # Pixels only: Pillow would otherwise copy the source's JPEG comment, PNG ICC profile
+    # and transparency (meaningless after compositing) from ``image.info`` into the
+    # output, so bytes of the input would ride along unconverted.
+    if image_format == "png":
+        encoded = _encode(
+            image, format="PNG", compress_level=6, icc_profile=None, transparency=None
+        )
+    else:
+        encoded = _encode(image, format="JPEG", quality=jpeg_quality, comment=b"")
     return ConvertedImage(
-        encoded, image_format, converted.height, converted.width, channels,
+        encoded, image_format, image.height, image.width, channels,
         source_format, source_height, source_width,
     )  # fmt: skip
 
@@ -282,7 +579,11 @@ def _encode(image: Image.Image, **params) -> bytes:
         fd = os.memfd_create("s3tfr-encode", os.MFD_CLOEXEC)
         file = _ENCODE_FILES.file = open(fd, "w+b", buffering=0)  # noqa: SIM115
     file.seek(0)
-    image.save(file, **params)
+    try:
+        image.save(file, **params)
+    except BaseException:
+        file.truncate(0)  # what a failed encode of a large image wrote
+        raise
     size = file.tell()
     encoded = os.pread(file.fileno(), size, 0)
     if size > _KEEP_ENCODE_FILE_BYTES:
@@ -290,7 +591,9 @@ def _encode(image: Image.Image, **params) -> bytes:
     return encoded
 
 
-def estimated_encoded_bytes(resize: Resize, image_format: str, source_bytes: int) -> int:
+def estimated_encoded_bytes(
+    resize: Resize, image_format: str, source_bytes: int
+) -> int:
     """A rough output size for one image, used only to pick a shard count."""
     if resize.mode == "none":
         return source_bytes

@@ -1,6 +1,29 @@
 """ListImages: an input root laid out ``<class>/<file>`` (or ``<split>/<class>/<file>``)
 in, lists of :class:`ImageRef` (one per candidate image, up to :data:`REF_BATCH` per list)
-out, plus a :class:`Rejection` for every listed object that cannot be one.
+out, plus a :class:`Rejection` for every listed object that cannot be one, and the class
+names.
+
+Classes follow ``tf.keras.utils.image_dataset_from_directory(labels="inferred")``
+(:func:`transforms.storage.is_class_folder`): every folder at the class level whose name
+does not start with ``.`` is a class, even one that is empty or whose every file is
+rejected (its count is then 0); on S3 a directory-marker object ``<class>/`` alone makes
+such a folder. The class list comes from the folders, never from the images that survive,
+so one bad folder cannot shift the labels of the others. With ``split_from_dirs`` it is the
+union of the class folders of every split. Inside a class folder, files are found
+recursively, hidden files and hidden sub-folders included, as Keras finds them.
+
+Where this listing and Keras differ, nothing is dropped without a record:
+
+- Keras indexes only ``.bmp .gif .jpeg .jpg .png`` names; here every file is a candidate,
+  because the format is read from the content, and a non-image is rejected at decode.
+- A hidden folder at the class (or split) level is not a class, as in Keras; each object
+  under it is rejected here with the code ``hidden_folder`` rather than left out unseen,
+  so that objects listed = converted + rejected still holds.
+- A key with an empty segment (S3 only: ``root//x.jpg``, ``root/cat//y.jpg``) names no
+  folder; it is rejected with the code ``empty_segment``, and ``""`` is never a class.
+- Local links to folders inside a class folder are not followed, as Keras does not follow
+  them by default (``follow_links=False``): their files are not listed and not reported.
+  Links to class folders are followed, as Keras follows them.
 
 The root's first level (and the split level) is listed by one worker; the class folders
 under it are then listed in parallel, each page by page, so no process needs the whole
@@ -15,6 +38,8 @@ folders is 0.09 s of it and hashing the keys 0.02 s.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import apache_beam as beam
 from apache_beam import pvalue
 
@@ -22,13 +47,33 @@ from transforms import storage
 from transforms.records import ImageRef, Rejection
 from transforms.s3 import S3Config
 
-__all__ = ["METRICS_NAMESPACE", "REF_BATCH", "REJECTED", "ListImages", "count_rejection"]
+__all__ = [
+    "CLASSES",
+    "METRICS_NAMESPACE",
+    "REF_BATCH",
+    "REJECTED",
+    "ListImages",
+    "count_rejection",
+]
 
 METRICS_NAMESPACE = "convert"
 REJECTED = "rejected"
+CLASSES = "classes"
 # References per list: small against a worker's memory (~200 bytes each), large enough
 # that a runner's cost per element is negligible per image.
 REF_BATCH = 1000
+
+_EMPTY_SEGMENT = (
+    "key has an empty path segment ('//'), which names no folder: move the object to a "
+    "key without '//'"
+)
+_REASONS = {
+    "bad_name": "file name is not valid UTF-8: rename the file",
+    "empty_segment": _EMPTY_SEGMENT,
+    "directory_marker": "directory marker object, no data",
+    "zero_bytes": "zero-byte object",
+    "unreadable": "cannot stat (dangling link?)",
+}
 
 
 def count_rejection(rejection: Rejection) -> Rejection:
@@ -40,13 +85,37 @@ def count_rejection(rejection: Rejection) -> Rejection:
 
 def _direct_object(rel: str, what: str) -> Rejection:
     if rel.endswith("/") or not rel:
-        return Rejection(rel, "list", "directory_marker", "directory marker object, no data")
+        return Rejection(rel, "list", "directory_marker", _REASONS["directory_marker"])
     return Rejection(storage.printable(rel), "list", "no_class_folder", f"object directly under "
                      f"{what}: images must sit in a class folder, <class>/<file>")  # fmt: skip
 
 
+class _Folder(NamedTuple):
+    """A folder to list. ``rel`` is relative to the root; a folder that is no class has
+    ``label`` ``""`` and the (code, reason) of every object under it."""
+
+    rel: str
+    split: str
+    label: str
+    code: str = ""
+    reason: str = ""
+
+
+def _folder(rel: str, split: str, name: str) -> _Folder:
+    """The folder ``rel`` (last segment ``name``), at the class level or the split level."""
+    if storage.is_class_folder(name):
+        return _Folder(rel, split, name)
+    if not name:
+        return _Folder(rel, split, "", "empty_segment", _EMPTY_SEGMENT)
+    return _Folder(rel, split, "", "hidden_folder", f"in the folder {rel!r}, skipped "
+                   "because its name starts with '.' (as "
+                   "tf.keras.utils.image_dataset_from_directory skips it): rename it to "
+                   "include its files")  # fmt: skip
+
+
 class _ListRootFn(beam.DoFn):
-    """root URI -> (folder, split, label) per class folder; rejects direct objects."""
+    """root URI -> a _Folder per folder and a class name (CLASSES) per class folder;
+    rejects direct objects."""
 
     def __init__(self, config: S3Config | None, split_from_dirs: bool) -> None:
         self._config = config
@@ -63,84 +132,83 @@ class _ListRootFn(beam.DoFn):
                           "folder name is not valid UTF-8: rename the folder"),
             )  # fmt: skip
 
+    def _level(self, uri: str):
+        # By name only: on S3 an object and a prefix may share one ("cat", "cat/…"), and
+        # (name, size) tuples with a None size do not compare.
+        return sorted(storage.list_level(uri, self._config), key=lambda entry: entry[0])
+
+    def _emit(self, root: str, rel: str, split: str, name: str):
+        if not storage.is_utf8(name):
+            yield from self._reject_folder(root, rel)
+            return
+        folder = _folder(rel, split, name)
+        if folder.label:
+            yield pvalue.TaggedOutput(CLASSES, folder.label)
+        yield folder
+
     def process(self, root: str):
-        tops = sorted(storage.list_level(root, self._config))
-        for name, size in tops:
+        for name, size in self._level(root):
             if size is not None:
                 self._listed.inc()
-                yield pvalue.TaggedOutput(REJECTED, _direct_object(name, "the input root"))
-            elif not storage.is_utf8(name):
-                yield from self._reject_folder(root, name)
-            elif not self._split_from_dirs:
-                yield name, "", name
+                yield pvalue.TaggedOutput(
+                    REJECTED, _direct_object(name, "the input root")
+                )
+            elif not self._split_from_dirs or not storage.is_class_folder(name):
+                # A split folder that is hidden or "" is rejected whole, as a class
+                # folder would be.
+                yield from self._emit(root, name, "", name)
             else:
-                split_uri = storage.join(root, name)
-                for class_name, class_size in sorted(
-                    storage.list_level(split_uri, self._config)
-                ):
+                for class_name, class_size in self._level(storage.join(root, name)):
                     rel = f"{name}/{class_name}"
                     if class_size is not None:
                         self._listed.inc()
                         yield pvalue.TaggedOutput(
                             REJECTED, _direct_object(rel, f"the split folder {name!r}")
                         )
-                    elif not storage.is_utf8(class_name):
-                        yield from self._reject_folder(root, rel)
                     else:
-                        yield rel, name, class_name
+                        yield from self._emit(root, rel, name, class_name)
 
 
 class _ListFolderFn(beam.DoFn):
-    """(folder, split, label) -> lists of ImageRef, one per object under it, recursively."""
+    """_Folder -> lists of ImageRef, one per object under it, recursively."""
 
     def __init__(self, root: str, config: S3Config | None) -> None:
         self._root = root
         self._config = config
         self._listed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "listed")
 
-    def process(self, folder: tuple[str, str, str]):
-        rel_folder, split, label = folder
+    def process(self, folder: _Folder):
         refs = []
-        for rel, size in storage.walk(storage.join(self._root, rel_folder), self._config):
+        for key, size in storage.walk_folder(self._root, folder.rel, self._config):
             self._listed.inc()
-            key = f"{rel_folder}/{rel}"
-            if not storage.is_utf8(key):
+            code = folder.code or storage.candidate_rejection(key, size)
+            if code:
+                reason = folder.reason or _REASONS[code]
                 yield pvalue.TaggedOutput(
-                    REJECTED,
-                    Rejection(storage.printable(key), "list", "bad_name",
-                              "file name is not valid UTF-8: rename the file"),
-                )  # fmt: skip
-            elif not rel or rel.endswith("/"):
-                yield pvalue.TaggedOutput(REJECTED, _direct_object(key, ""))
-            elif size == 0:
-                yield pvalue.TaggedOutput(
-                    REJECTED, Rejection(key, "list", "zero_bytes", "zero-byte object")
+                    REJECTED, Rejection(storage.printable(key), "list", code, reason)
                 )
-            elif size < 0:
-                yield pvalue.TaggedOutput(
-                    REJECTED,
-                    Rejection(key, "list", "unreadable", "cannot stat (dangling link?)"),
-                )
-            else:
-                refs.append(ImageRef(key, size, label, split))
-                if len(refs) == REF_BATCH:
-                    yield refs
-                    refs = []
+                continue
+            refs.append(ImageRef(key, size, folder.label, folder.split))
+            if len(refs) == REF_BATCH:
+                yield refs
+                refs = []
         if refs:
             yield refs
 
 
 class _SummaryFn(beam.CombineFn):
-    """ImageRef lists or Rejection -> (objects listed, sorted class names of the references)."""
+    """ImageRef lists, Rejections and class names -> (objects listed, sorted class names)."""
 
     def create_accumulator(self) -> tuple[int, set[str]]:
         return 0, set()
 
     def add_input(self, acc, listed):
         count, labels = acc
+        if isinstance(listed, str):
+            labels.add(listed)
+            return count, labels
         if isinstance(listed, Rejection):
             return count + 1, labels
-        labels.update(ref.label for ref in listed)
         return count + len(listed), labels
 
     def merge_accumulators(self, accs):
@@ -164,8 +232,9 @@ class ListImages(beam.PTransform):
 
     Returns:
         A dict: ``"refs"`` (lists of ``ImageRef``), ``"rejected"`` (``Rejection``), and
-        ``"summary"``: one element, (objects listed, sorted class names of the refs),
-        from one combine over the listing.
+        ``"summary"``: one element, (objects listed, sorted class names), from one
+        combine over the listing. The class names are those of every class folder found
+        (module docstring), whether or not any image in it survives.
     """
 
     def __init__(
@@ -181,11 +250,11 @@ class ListImages(beam.PTransform):
             pbegin
             | "Root" >> beam.Create([self._root])
             | "ListRoot"
-            >> beam.ParDo(_ListRootFn(self._config, self._split_from_dirs)).with_outputs(
-                REJECTED, main="folders"
-            )
+            >> beam.ParDo(
+                _ListRootFn(self._config, self._split_from_dirs)
+            ).with_outputs(REJECTED, CLASSES, main="folders")
         )
-        # (folder, split, label): spread so that class folders are listed in parallel.
+        # _Folder: spread so that class folders are listed in parallel.
         listed = (
             top.folders
             | "SpreadFolders" >> beam.Reshuffle()
@@ -200,7 +269,7 @@ class ListImages(beam.PTransform):
             | "CountRejected" >> beam.Map(count_rejection)
         )
         summary = (
-            (listed.refs, rejected)
+            (listed.refs, rejected, top[CLASSES])
             | "AllListed" >> beam.Flatten()
             | "Summarize" >> beam.CombineGlobally(_SummaryFn())
         )

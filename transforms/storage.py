@@ -218,3 +218,78 @@ def delete(uri: str, config: S3Config | None = None) -> None:
         os.remove(_local(uri))
     except FileNotFoundError:
         pass
+
+
+# The class-folder rules, shared by the convert job's listing and the tf.data reader's
+# make_dataset_from_images (which must not import Beam).
+__all__ += [
+    "candidate_rejection",
+    "class_folders",
+    "has_empty_segment",
+    "is_class_folder",
+    "walk_folder",
+]
+
+
+def is_class_folder(name: str) -> bool:
+    """Whether a folder found at the class level is a class.
+
+    The rule of ``tf.keras.utils.image_dataset_from_directory(labels="inferred")``: every
+    folder whose name does not start with ``.``, empty or not (a link to a folder is a
+    folder). Less the names no dataset can hold: ``""`` (on S3, the common prefix of keys
+    holding ``//``) and names that are not UTF-8.
+    """
+    return bool(name) and not name.startswith(".") and is_utf8(name)
+
+
+def class_folders(uri: str, config: S3Config | None = None) -> list[str]:
+    """The class names under ``uri``, sorted as Python sorts strings (as Keras does).
+
+    On S3 a folder is a common prefix, so a directory-marker object ``<name>/`` alone
+    makes an (empty) class, as an empty local folder does.
+    """
+    return sorted(
+        name
+        for name, size in list_level(uri, config)
+        if size is None and is_class_folder(name)
+    )
+
+
+def has_empty_segment(key: str) -> bool:
+    """Whether a ``/``-separated key has an empty segment before its last (``a//b``,
+    ``/b``); the empty last segment of a directory marker ``a/`` does not count."""
+    return key.startswith("/") or "//" in key
+
+
+def candidate_rejection(key: str, size: int) -> str | None:
+    """Why an object in a class folder cannot be an image, as a rejection code (``None``:
+    it is a candidate, to be decoded). ``key`` is relative to the input root."""
+    if not is_utf8(key):
+        return "bad_name"
+    if has_empty_segment(key):
+        return "empty_segment"
+    if key.endswith("/"):
+        return "directory_marker"
+    if size == 0:
+        return "zero_bytes"
+    if size < 0:
+        return "unreadable"
+    return None
+
+
+def walk_folder(
+    root: str, folder: str, config: S3Config | None = None
+) -> Iterator[Entry]:
+    """Every file under ``folder`` (a name relative to ``root``), named relative to ``root``.
+
+    Unlike ``walk(join(root, folder))``, which strips slashes, the folder is taken as it
+    is: on S3 the folder ``""`` (keys ``<root>//…``) lists only the keys under ``<root>//``,
+    not the whole root again.
+    """
+    if s3.is_s3(root):
+        bucket, prefix = _key_prefix(root)
+        for obj in s3.iter_objects(bucket, f"{prefix}{folder}/", config):
+            yield obj.key[len(prefix) :], obj.size
+        return
+    for rel, size in walk(join(root, folder), config):
+        yield f"{folder}/{rel}", size
