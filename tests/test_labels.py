@@ -66,7 +66,7 @@ def _keras(directory) -> tuple[list[str], list[str]]:
     import tensorflow as tf
 
     ds = tf.keras.utils.image_dataset_from_directory(
-        str(directory), shuffle=False, batch_size=None, image_size=(8, 8), verbose=False
+        str(directory), shuffle=False, batch_size=None, image_size=(8, 8)
     )
     files = [os.path.relpath(p, directory).replace(os.sep, "/") for p in ds.file_paths]
     return ds.class_names, files
