@@ -33,6 +33,14 @@ from tfdata_reader.manifest import DatasetError, load_info
 from tfdata_reader.transform import ANALYSIS_FILE
 from transforms import storage
 
+DESCRIPTION = """\
+Compute dataset statistics of a converted dataset with tensorflow-transform
+(label vocabulary, per-channel pixel mean and std, class counts) and write
+transform_fn/ and analysis.json under it.
+
+example:
+  s3tfr-analyze --dataset s3://bucket/tfrecords/"""
+
 __all__ = ["AnalyzeOptions", "analyze", "main", "run"]
 
 DEFAULT_SPLIT = "train"
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         opts = pipeline_options(args).view_as(AnalyzeOptions)
         print(f"\nAnalysis written to {storage.join(opts.dataset, ANALYSIS_FILE)}")
 
-    cli_main("analyze", _job, argv)
+    cli_main("analyze", _job, argv, AnalyzeOptions, DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import difflib
 import functools
 import gc
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "counters",
     "local_runner",
     "pipeline_options",
+    "print_help",
     "s3_config",
     "tune_garbage_collector",
 ]
@@ -94,6 +96,7 @@ def pipeline_options(
     # inherit them. A user's own settings win.
     os.environ.setdefault("AWS_RETRY_MODE", "standard")
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
+    _reject_unknown(args)
     options = PipelineOptions(args)
     if (
         local_threads
@@ -105,6 +108,65 @@ def pipeline_options(
         if not _given(args, "--direct_num_workers"):
             direct.direct_num_workers = usable_cpus()
     return options
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """The parser Beam itself parses options with: every PipelineOptions class's flags
+    (the jobs' own classes included, once their modules are imported)."""
+    from apache_beam.options.pipeline_options import (
+        PipelineOptions,
+        _BeamArgumentParser,
+    )
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def _reject_unknown(args: Sequence[str]) -> None:
+    """Beam only warns about an option no options class defines, and runs on with its
+    default; a misspelt ``--valdation_fraction`` must stop the job instead.
+
+    Raises:
+        UserError: naming the unknown options and the closest known ones.
+    """
+    if any("dask" in arg.lower() for arg in args):
+        import apache_beam.runners.dask.dask_runner  # noqa: F401 - defines DaskOptions
+
+    parser = _beam_parser()
+    _known, unknown = parser.parse_known_args(list(args))
+    if not unknown:
+        return
+    flags = [f for action in parser._actions for f in action.option_strings]
+    problems = []
+    for i, arg in enumerate(unknown):
+        if not arg.startswith("-"):
+            if not (i and unknown[i - 1].startswith("-") and "=" not in unknown[i - 1]):
+                problems.append(f"unexpected argument {arg!r}")  # not an option's value
+            continue
+        flag = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+        problems.append(f"unknown option {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise UserError("; ".join(problems) + "; see --help")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown after each option; the description printed as written."""
+
+
+def print_help(prog: str, description: str, options: type) -> None:
+    """The job's own options with their defaults and meaning, then how to see Beam's."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=_HelpFormatter,
+        epilog="Any Apache Beam pipeline option is accepted too (--runner, "
+        "--direct_num_workers, --s3_endpoint_url, ...); --help_beam lists them all.",
+    )
+    options._add_argparse_args(parser)
+    parser.print_help()
 
 
 def local_runner(options: PipelineOptions):
@@ -184,8 +246,25 @@ def tune_garbage_collector() -> None:
     atexit.register(gc.freeze)
 
 
-def cli_main(name: str, job: Callable[[list[str] | None], object], argv=None) -> None:
-    """Runs ``job``; a :class:`UserError` becomes one line on stderr and exit status 2."""
+def cli_main(
+    name: str,
+    job: Callable[[list[str] | None], object],
+    argv=None,
+    options: type | None = None,
+    description: str = "",
+) -> None:
+    """Runs ``job``; a :class:`UserError` becomes one line on stderr and exit status 2.
+
+    With ``options`` (the job's PipelineOptions class), ``-h``/``--help`` prints the
+    job's own options and ``--help_beam`` every Beam option, instead of running it.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if options is not None and ("-h" in args or "--help" in args):
+        print_help(f"s3tfr-{name}", description, options)
+        sys.exit(0)
+    if options is not None and "--help_beam" in args:
+        _beam_parser().print_help()
+        sys.exit(0)
     tune_garbage_collector()
     try:
         job(argv)

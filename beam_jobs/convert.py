@@ -1,6 +1,6 @@
 """The convert job: an S3 prefix (or local folder) of ``<class>/<file>`` images in;
 deterministic sharded TFRecords, ``labels.txt``, ``rejected.jsonl`` and, last,
-``dataset_info.json`` out (DESIGN.md, "Data contract").
+``dataset_info.json`` out (README, "What it writes").
 
     python -m beam_jobs.convert --input s3://bucket/images/ --output s3://bucket/tfrecords/
 
@@ -40,6 +40,15 @@ from transforms.manifest import WriteDatasetInfo
 from transforms.s3 import S3Config
 from transforms.sharding import AssignShards
 from transforms.tfrecords import WriteShards
+
+DESCRIPTION = """\
+Convert a folder of images laid out <class>/<file> (an s3:// prefix or a local
+directory) into sharded TFRecord files with labels.txt, rejected.jsonl and, last,
+dataset_info.json.
+
+example:
+  s3tfr-convert --input s3://bucket/images/ --output s3://bucket/tfrecords/ \\
+      --resize crop:224x224"""
 
 __all__ = ["ConvertOptions", "main", "run"]
 
@@ -367,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         opts = pipeline_options(args).view_as(ConvertOptions)
         print_summary(opts.output, result, s3_config(pipeline_options(args)))
 
-    cli_main("convert", _job, argv)
+    cli_main("convert", _job, argv, ConvertOptions, DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import re
 import sys
 
 import apache_beam as beam
+import botocore.exceptions
 from apache_beam import pvalue
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -29,10 +30,19 @@ from beam_jobs.common import (
     s3_config,
 )
 from tfdata_reader import DatasetError, load_info
+from tfdata_reader.manifest import s3_error
 from transforms import storage
 from transforms.s3 import S3Config
 from transforms.tfrecords import SHARD_NAME_PATTERN
 from transforms.verify import METRICS_NAMESPACE, VerifyShards, check_splits, shard_tasks
+
+DESCRIPTION = """\
+Summarize a converted dataset (splits, shards, classes, rejected inputs); with
+--verify re-read every shard and check it against the manifest; with --report DIR
+write an HTML report.
+
+example:
+  s3tfr-inspect s3://bucket/tfrecords/ --verify"""
 
 __all__ = ["InspectOptions", "main", "read_rejected", "run", "summary"]
 
@@ -226,7 +236,11 @@ def verify_failed(result) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     def _job(args):
-        result = run(args)
+        try:
+            result = run(args)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            # Past the manifest (read rejections, list shards, report): one line, as there.
+            raise UserError(str(s3_error(e, "the dataset"))) from None
         if result is None:
             return
         if verify_failed(result):
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         print("inspect: verify passed")
 
-    cli_main("inspect", _job, argv)
+    cli_main("inspect", _job, argv, InspectOptions, DESCRIPTION)
 
 
 if __name__ == "__main__":

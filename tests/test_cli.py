@@ -1,0 +1,75 @@
+"""The jobs' command lines: --help lists each job's own options; a misspelt or unknown
+option stops the job (exit 2, one line, nothing written) instead of a Beam warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from beam_jobs import analyze, convert, inspect
+from beam_jobs.common import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": ROOT}, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module, flags",
+    [
+        ("beam_jobs.convert", ["--input", "--output", "--validation_fraction", "--resize",
+                               "--num_shards", "--max_pixels"]),
+        ("beam_jobs.analyze", ["--dataset", "--split"]),
+        ("beam_jobs.inspect", ["--dataset", "--verify", "--report"]),
+    ],
+)  # fmt: skip
+def test_help_lists_the_jobs_own_options_with_defaults(module, flags):
+    done = _cli(module, "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: s3tfr-{module.split('.')[1]}")
+    for flag in flags:
+        assert flag in done.stdout
+    assert "(default:" in done.stdout and "--help_beam" in done.stdout
+    assert "DESIGN.md" not in done.stdout
+
+
+def test_help_beam_lists_beam_options():
+    done = _cli("beam_jobs.convert", "--help_beam")
+    assert done.returncode == 0
+    assert "--runner" in done.stdout and "--s3_endpoint_url" in done.stdout
+
+
+def test_a_misspelt_option_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    done = _cli("beam_jobs.convert", "--input", str(tmp_path), "--output", str(out),
+                "--valdation_fraction", "0.3", "--append")  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "convert: error: unknown option --valdation_fraction (did you mean "
+        "--validation_fraction?); unknown option --append; see --help"
+    ]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("run", [convert.run, analyze.run, inspect.run])
+def test_the_python_entry_points_refuse_unknown_options(run, tmp_path):
+    with pytest.raises(UserError, match="unknown option --no_such_flag"):
+        run(["--input", str(tmp_path), "--dataset", str(tmp_path), "--no_such_flag=1"])
+
+
+def test_beam_options_still_pass(tmp_path):
+    # Real Beam options (of any options class) are not unknown.
+    from beam_jobs.common import pipeline_options
+
+    options = pipeline_options(["--runner=DirectRunner", "--direct_num_workers=2",
+                                "--s3_endpoint_url=http://127.0.0.1:1",
+                                "--flink_master=127.0.0.1:8081", "--job_endpoint=embed"])  # fmt: skip
+    assert options.get_all_options()["direct_num_workers"] == 2
