@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from typing import Any
+
+import botocore.exceptions
 
 from transforms import storage
 from transforms.s3 import S3Config
@@ -22,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DatasetError",
     "load_info",
+    "s3_error",
     "shard_uris",
     "validate_info",
 ]
@@ -41,6 +45,61 @@ _MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 
 class DatasetError(Exception):
     """A dataset that cannot be read as it is; the message says what to do about it."""
+
+
+_CREDENTIAL_HINTS = {
+    "InvalidAccessKeyId": "S3 does not know the access key ID in use: check "
+    "AWS_ACCESS_KEY_ID or AWS_PROFILE (or --s3_access_key_id) and the endpoint",
+    "SignatureDoesNotMatch": "the secret access key does not belong to the access key ID: "
+    "check AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or --s3_secret_access_key)",
+    "ExpiredToken": "the session token has expired: refresh the credentials",
+    "InvalidToken": "the session token is not valid: refresh the credentials",
+    "AccessDenied": "these credentials may not read it: check the IAM policy "
+    "(s3:GetObject, s3:ListBucket) or use another profile",
+}
+_CREDENTIAL_HINTS["403"] = _CREDENTIAL_HINTS["Forbidden"] = _CREDENTIAL_HINTS["AccessDenied"]
+_UNREACHABLE = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ProxyConnectionError,
+    botocore.exceptions.SSLError,
+)
+
+
+def s3_error(error: Exception, uri: str) -> DatasetError:
+    """A one-line ``DatasetError`` that says what to check, for a failed S3 request.
+
+    Args:
+        error: what botocore raised (``ClientError`` or ``BotoCoreError``).
+        uri: what was being read, for the message.
+
+    Returns:
+        The error to raise: missing or refused credentials, access denied, no such
+        bucket and an unreachable endpoint each name the setting to check; anything else
+        keeps botocore's words, on one line.
+    """
+    if isinstance(error, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return DatasetError(
+            f"no AWS credentials to read {uri}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an instance role gives them"
+        )
+    if isinstance(error, _UNREACHABLE):
+        url = urllib.parse.urlsplit(getattr(error, "kwargs", {}).get("endpoint_url", ""))
+        where = f"{url.scheme}://{url.netloc}" if url.netloc else "the S3 endpoint"
+        return DatasetError(
+            f"cannot reach {where} to read {uri} ({type(error).__name__}): check "
+            "AWS_ENDPOINT_URL_S3 (or --s3_endpoint_url), the network and any proxy"
+        )
+    if isinstance(error, botocore.exceptions.ClientError):
+        details = error.response.get("Error", {})
+        code = str(details.get("Code", ""))
+        if code in _CREDENTIAL_HINTS:
+            return DatasetError(f"{code} reading {uri}: {_CREDENTIAL_HINTS[code]}")
+        if code == "NoSuchBucket":
+            return DatasetError(f"no such bucket reading {uri}: check the URI and the endpoint")
+        message = " ".join(str(details.get("Message", "")).split())
+        return DatasetError(f"S3 refused a request for {uri} ({code}: {message})")
+    return DatasetError(f"S3 request for {uri} failed: {' '.join(str(error).split())}")
 
 
 def _is_int(value: Any) -> bool:
@@ -198,8 +257,12 @@ def read_json(
         data = storage.read_bytes(path, config)
     except (FileNotFoundError, NotADirectoryError):
         raise DatasetError(f"no {name} under {uri}: {missing}") from None
-    except PermissionError as e:
-        raise DatasetError(f"cannot read {path}: {e}; check the credentials") from None
+    except PermissionError:
+        raise DatasetError(
+            f"AccessDenied reading {path}: {_CREDENTIAL_HINTS['AccessDenied']}"
+        ) from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise s3_error(e, path) from None
     if len(data) > _MAX_MANIFEST_BYTES:
         raise DatasetError(f"{path} is {len(data)} bytes: not a manifest")
     try:
