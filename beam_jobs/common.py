@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 # before it decides to import Beam (the upload job plans without it).
 
 __all__ = [
+    "JobFailed",
     "UserError",
     "add_shared_argument",
     "cli_main",
     "counters",
+    "failure_in",
     "local_runner",
     "pipeline_options",
     "print_help",
@@ -45,6 +47,37 @@ RUNNER_ALIASES = {
 
 class UserError(Exception):
     """A problem with the user's input or setup: printed as one line, exit status 2."""
+
+
+class JobFailed(Exception):
+    """A job stopped for a reason its message explains: one line, exit status 1."""
+
+
+def failure_in(error: BaseException, kinds: tuple[type, ...]) -> JobFailed | None:
+    """The job-stopping error of one of ``kinds`` that a runner wrapped into ``error``.
+
+    Runners re-raise a worker's exception as their own, with the original's class name
+    and message in the text (``…ForeignFile: <message> [while running 'Step']``), so
+    it is found there as well as in the exception chain.
+    """
+    if isinstance(error, UserError):
+        return None
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, kinds):
+            return JobFailed(_first_line(str(seen)))
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    text = str(error)
+    for kind in kinds:
+        marker = f"{kind.__name__}: "
+        if marker in text:
+            return JobFailed(_first_line(text.rsplit(marker, 1)[1]))
+    return None
+
+
+def _first_line(message: str) -> str:
+    """A message without the step Beam appends (`` [while running 'Step']``)."""
+    return message.split(" [while running", 1)[0].strip().splitlines()[0]
 
 
 def add_shared_argument(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -271,6 +304,9 @@ def cli_main(
     except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except JobFailed as e:
+        print(f"{name}: failed: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -26,17 +27,25 @@ from beam_jobs.common import (
     add_shared_argument,
     cli_main,
     counters,
+    failure_in,
     local_runner,
     pipeline_options,
     s3_config,
 )
 from tfdata_reader.manifest import load_info
 from transforms import s3, storage
-from transforms.commit import Lease, OutputBusy, OutputRun
+from transforms.commit import (
+    ForeignFile,
+    Lease,
+    LeaseLost,
+    ManifestConflict,
+    OutputBusy,
+    OutputRun,
+)
 from transforms.examples import ConvertSettings
 from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
 from transforms.listing import METRICS_NAMESPACE, ListImages
-from transforms.manifest import WriteDatasetInfo
+from transforms.manifest import AccountingError, WriteDatasetInfo
 from transforms.s3 import S3Config
 from transforms.sharding import AssignShards
 from transforms.tfrecords import WriteShards
@@ -145,6 +154,13 @@ class ConvertOptions(PipelineOptions):
 def _validate(opts: ConvertOptions) -> None:
     if not opts.input or not opts.output:
         raise UserError("--input and --output are required (s3://bucket/prefix/ or a path)")
+    for flag, uri in (("--input", opts.input), ("--output", opts.output)):
+        scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", uri)
+        if scheme and scheme[1] not in ("s3", "file"):
+            raise UserError(
+                f"{flag} {uri}: unsupported scheme {scheme[1]!r}; use s3:// (lower case) "
+                "or a local path"
+            )
     if not 0 <= opts.validation_fraction < 1:
         raise UserError("--validation_fraction must be in [0, 1)")
     if not 1 <= opts.jpeg_quality <= 95:
@@ -163,13 +179,13 @@ def _validate(opts: ConvertOptions) -> None:
 def _normalise(uri: str) -> str:
     if s3.is_s3(uri):
         return uri.rstrip("/") + "/"
-    return os.path.realpath(uri) + os.sep
+    return os.path.realpath(uri.removeprefix("file://")) + os.sep
 
 
 def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
     """Fails early, with one line, on a missing bucket, prefix or class layout."""
     try:
-        if not s3.is_s3(root) and not os.path.isdir(root):
+        if not s3.is_s3(root) and not os.path.isdir(root.removeprefix("file://")):
             raise UserError(f"input {root} is not a directory")
         entries = list(storage.list_level(root, config))
         tops = [name for name, size in entries if size is None and storage.is_class_folder(name)]
@@ -231,7 +247,8 @@ def _read_labels(uri: str, config: S3Config) -> list[str]:
         text = storage.read_bytes(uri, config).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --labels_file {uri}: {e}") from None
-    labels = [line.strip() for line in text.splitlines() if line.strip()]
+    # Names as written, spaces kept (labels.txt's own lines round-trip); blank lines skipped.
+    labels = [line for line in text.splitlines() if line.strip()]
     if not labels or len(set(labels)) != len(labels):
         raise UserError(f"--labels_file {uri} must list distinct class names, one per line")
     return labels
@@ -370,9 +387,19 @@ def print_summary(output: str, result, config: S3Config | None = None) -> None:
     print(f"  inspect it: ./run_local.sh inspect {output}  (--verify, --report DIR)")
 
 
+# Errors that stop a convert run with a message that says it all: no traceback.
+_STOPPING_ERRORS = (AccountingError, ForeignFile, LeaseLost, ManifestConflict)
+
+
 def main(argv: list[str] | None = None) -> None:
     def _job(args):
-        result = run(args)
+        try:
+            result = run(args)
+        except Exception as e:
+            failure = failure_in(e, _STOPPING_ERRORS)
+            if failure is None:
+                raise
+            raise failure from None
         opts = pipeline_options(args).view_as(ConvertOptions)
         print_summary(opts.output, result, s3_config(pipeline_options(args)))
 

@@ -137,7 +137,8 @@ def test_a_live_lease_is_respected_and_a_dead_one_taken_over(where, tmp_path, re
         out = str(tmp_path / "out")
     else:
         out = f"s3://{request.getfixturevalue('s3_bucket')}/out/"
-    holder = {"run_id": "other", "host": "elsewhere", "pid": 1, "started": time.time(),
+    holder = {"run_id": "other", "host": "elsewhere", "pid": 1, "pid_start": "",
+              "started": time.time(),
               "renewed": time.time(), "expires": time.time() + 600}  # fmt: skip
     lock = storage.join(out, commit.LOCK)
     storage.write_bytes(lock, json.dumps(holder).encode())
@@ -169,7 +170,7 @@ def test_a_stalled_run_that_lost_its_lease_does_not_commit(tmp_path):
     second = Lease(out)
     second.acquire()
     with pytest.raises(LeaseLost, match="no longer holds the lease"):
-        commit.finish(run, set(), b"{}")
+        commit.finish(run, set(), {}, b"{}")
     assert not os.path.exists(os.path.join(out, "dataset_info.json"))
     second.release()
     first.release()  # must not delete the second run's lease (already released here)
@@ -180,7 +181,7 @@ def test_a_manifest_committed_by_another_writer_is_never_overwritten(s3_bucket):
     with Lease(out) as run:
         s3.put_bytes(s3_bucket, "out/dataset_info.json", b'{"theirs": 1}')
         with pytest.raises(FileExistsError, match="another run committed"):
-            commit.finish(run, set(), b'{"ours": 1}')
+            commit.finish(run, set(), {}, b'{"ours": 1}')
     assert s3.get_bytes(s3_bucket, "out/dataset_info.json") == b'{"theirs": 1}'
 
 
@@ -205,3 +206,79 @@ def test_partial_s3_credentials_are_a_user_error(tmp_path):
                                         "--s3_access_key_id"):  # fmt: skip
         convert.run(["--input", str(tmp_path), "--output", str(tmp_path / "o"),
                      "--s3_secret_access_key=abc"])  # fmt: skip
+
+
+def test_a_run_that_lost_its_lease_writes_none_of_its_files(tmp_path):
+    out = str(tmp_path / "out")
+    first = Lease(out)
+    run = first.acquire()
+    holder = json.loads(storage.read_bytes(storage.join(out, commit.LOCK)))
+    holder["expires"] = time.time() - 1
+    storage.write_bytes(storage.join(out, commit.LOCK), json.dumps(holder).encode())
+    with Lease(out) as second:
+        storage.write_bytes(second.uri("labels.txt"), b"theirs\n")
+        with pytest.raises(LeaseLost):
+            commit.finish(run, set(), {"labels.txt": b"ours\n"}, b"{}")
+        with pytest.raises(LeaseLost):
+            commit.mark_written(run, "train-00000-of-00001.tfrecord")
+        assert storage.read_bytes(second.uri("labels.txt")) == b"theirs\n"
+    first.release()
+
+
+def test_a_users_file_at_a_shard_name_is_never_replaced(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_sample_tree(str(src), per_class=3, corrupt=False)
+    out.mkdir()
+    (out / "train-00000-of-00001.tfrecord").write_bytes(b"the user's own")
+    done = subprocess.run(
+        [sys.executable, "-m", "beam_jobs.convert", "--input", str(src), "--output",
+         str(out), "--num_shards", "1"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": ROOT}, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"convert: failed: {out}/train-00000-of-00001.tfrecord exists and is not a file "
+        "of this dataset: the convert job never replaces files it did not write; move "
+        "it, or choose another --output or --num_shards"
+    )
+    assert (out / "train-00000-of-00001.tfrecord").read_bytes() == b"the user's own"
+    assert not (out / "dataset_info.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"garbage", b"[1, 2]", b'{"expires": "soon"}', b'{"expires": null}',
+     b'{"run_id": "x", "host": "h", "pid": 100000000000000000000, "pid_start": "",'
+     b' "started": 1e20, "renewed": 0, "expires": 1e20}'],
+    ids=["not-json", "a-list", "text-expiry", "null-expiry", "huge-numbers"],
+)  # fmt: skip
+def test_a_lease_file_this_tool_did_not_write_is_taken_over(tmp_path, content):
+    out = str(tmp_path / "out")
+    storage.write_bytes(storage.join(out, commit.LOCK), content)
+    with Lease(out) as run:
+        assert commit.held(run)
+
+
+def test_state_folders_that_are_links_are_refused_and_nothing_outside_is_touched(tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "photos").mkdir(parents=True)
+    (victim / "photos" / "data.txt").write_text("precious")
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_sample_tree(str(src), per_class=2, corrupt=False)
+    (out / ".s3tfr").mkdir(parents=True)
+    (out / ".s3tfr" / "runs").symlink_to(victim)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        convert.run(["--input", str(src), "--output", str(out)])
+    assert (victim / "photos" / "data.txt").read_text() == "precious"
+
+
+def test_file_uris_are_local_paths(tmp_path):
+    src = tmp_path / "src"
+    write_sample_tree(str(src), per_class=2, corrupt=False)
+    with pytest.raises(UserError, match="inside input"):
+        convert.run(["--input", str(src), "--output", f"file://{src}/out"])
+    convert.run(["--input", f"file://{src}", "--output", f"file://{tmp_path}/out"])
+    assert not (tmp_path / "out" / ".s3tfr").exists()
+    _assert_not_wrong_complete(str(tmp_path / "out"))
+    with pytest.raises(UserError, match="unsupported scheme 'S3'"):
+        convert.run(["--input", str(src), "--output", "S3://bucket/out"])

@@ -118,3 +118,41 @@ def test_mutated_inputs_and_secrets_never_fail_or_leak(tmp_path):
     for rel, _size in storage.walk(str(out)):
         assert SECRET.encode() not in (out / rel).read_bytes(), rel
     assert SECRET not in text
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    import threading
+
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def read():
+        try:
+            storage.read_bytes(str(fifo))
+        except OSError as e:
+            outcome.append(type(e).__name__)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert outcome == ["IsADirectoryError"]
+
+
+def test_link_loops_and_line_breaks_in_folder_names_are_rejected_not_fatal(tmp_path):
+    from beam_jobs import convert
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "cat").mkdir(parents=True)
+    photo_like(20, 20, np.random.default_rng(0)).save(src / "cat" / "a.jpg", "JPEG")
+    (src / "loop").symlink_to(src / "loop")  # a link to itself
+    (src / "two\nlines").mkdir()
+    photo_like(20, 20, np.random.default_rng(1)).save(src / "two\nlines" / "b.jpg", "JPEG")
+    convert.run(["--input", str(src), "--output", str(out)])
+    info = load_info(str(out))
+    assert info["labels"] == ["cat"]
+    rejected = {json.loads(line)["key"]: json.loads(line)["code"]
+                for line in (out / "rejected.jsonl").read_text().splitlines()}  # fmt: skip
+    assert rejected == {"loop": "no_class_folder", "two\nlines/b.jpg": "bad_name"}
+    assert (out / "labels.txt").read_text() == "cat\n"

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -54,8 +55,10 @@ from transforms.s3 import S3Config
 __all__ = [
     "LEASE_S",
     "RENEW_S",
+    "ForeignFile",
     "Lease",
     "LeaseLost",
+    "ManifestConflict",
     "OutputBusy",
     "OutputRun",
     "create_exclusive",
@@ -189,14 +192,20 @@ def _replace_if(uri: str, data: bytes | None, etag: str, config: S3Config | None
 
 @contextlib.contextmanager
 def _guard(run: OutputRun) -> Iterator[None]:
-    """Locally, an exclusive ``flock`` on ``OUT/.s3tfr`` around a read-then-write of the
-    lease; S3 needs none (its writes are conditional)."""
+    """Locally, an exclusive ``flock`` on the output folder around a read-then-write of
+    the lease (not on ``OUT/.s3tfr``, which a finished run removes: a lock on a removed
+    folder excludes no one); S3 needs none (its writes are conditional)."""
     if s3.is_s3(run.output):
         yield
         return
+    output = run.output.removeprefix("file://")
     folder = run.uri(STATE_DIR).removeprefix("file://")
     os.makedirs(folder, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
+    # Records are deleted under these folders: a link would point the deletes elsewhere.
+    for path in (folder, os.path.join(folder, "runs")):
+        if os.path.islink(path):
+            raise OSError(f"{path} is a symbolic link, not this tool's folder: remove it")
+    fd = os.open(output, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -213,23 +222,38 @@ def _process_start(pid: int) -> str:
         return ""
 
 
-def _holder_gone(holder: dict) -> bool:
+def _holder(data: bytes) -> dict | None:
+    """A lease file's fields, or ``None`` when it is not one this tool wrote (garbage,
+    wrong types): such a lease is taken over like an expired one."""
+    try:
+        holder = json.loads(data)
+        valid = (
+            isinstance(holder, dict)
+            and all(isinstance(holder.get(k), int | float) and abs(holder[k]) < 1e12
+                    for k in ("started", "renewed", "expires"))
+            and isinstance(holder.get("pid"), int) and 0 < holder["pid"] < 2**31
+            and all(isinstance(holder.get(k), str) for k in ("run_id", "host", "pid_start"))
+        )  # fmt: skip
+    except ValueError:
+        return None
+    return holder if valid else None
+
+
+def _holder_gone(holder: dict | None) -> bool:
     """Whether a lease's holder certainly no longer runs: on this host, its process is
     gone (or its pid now names another process); anywhere, the lease expired."""
-    if time.time() > holder.get("expires", 0):
+    if holder is None or time.time() > holder["expires"]:
         return True
-    if holder.get("host") != socket.gethostname():
+    if holder["host"] != socket.gethostname():
         return False
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        return True
+    pid = holder["pid"]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         pass  # alive, someone else's
-    return bool(holder.get("pid_start")) and holder["pid_start"] != _process_start(pid)
+    return bool(holder["pid_start"]) and holder["pid_start"] != _process_start(pid)
 
 
 def _when(seconds: float) -> str:
@@ -285,26 +309,28 @@ class Lease:
     def _take_over(self, lock: str) -> None:
         found = _read(lock, self.run.config)
         if found is None:  # released since: try once more
-            self._etag = create_exclusive(lock, self._content(), self.run.config)
+            try:
+                self._etag = create_exclusive(lock, self._content(), self.run.config)
+            except FileExistsError:
+                raise OutputBusy(
+                    f"another convert run took the lease on {self.run.output} first"
+                ) from None
             return
         data, etag = found
-        try:
-            holder = json.loads(data)
-        except ValueError:
-            holder = {}
-        if isinstance(holder, dict) and not _holder_gone(holder):
-            age = time.time() - holder.get("renewed", 0)
+        holder = _holder(data)
+        if holder is not None and not _holder_gone(holder):
+            age = time.time() - holder["renewed"]
             raise OutputBusy(
                 f"another convert run is writing {self.run.output} (run "
-                f"{holder.get('run_id')} on {holder.get('host')}, pid {holder.get('pid')}, "
-                f"started {_when(holder.get('started', 0))}, lease renewed {age:.0f} s ago): "
+                f"{holder['run_id']} on {holder['host']}, pid {holder['pid']}, "
+                f"started {_when(holder['started'])}, lease renewed {age:.0f} s ago): "
                 f"wait for it to finish; if it is gone, its lease is taken over "
                 f"{LEASE_S} s after its last renewal (or delete {lock})"
             )
         _LOG.warning(
             "taking over the lease of run %s on %s (gone or expired)",
-            holder.get("run_id") if isinstance(holder, dict) else "?",
-            holder.get("host") if isinstance(holder, dict) else "?",
+            holder["run_id"] if holder else "?",
+            holder["host"] if holder else "?",
         )
         try:
             self._etag = _replace_if(lock, self._content(), etag, self.run.config)
@@ -368,10 +394,10 @@ class Lease:
                     _replace_if(self.run.uri(LOCK), None, self._etag, self.run.config)
                 except LeaseLost:
                     pass
-        if not s3.is_s3(self.run.output):
-            with contextlib.suppress(OSError):  # only when empty
-                os.rmdir(self.run.uri(RUNS))
-                os.rmdir(self.run.uri(STATE_DIR))
+            if not s3.is_s3(self.run.output):
+                with contextlib.suppress(OSError):  # only when empty
+                    os.rmdir(self.run.uri(RUNS).removeprefix("file://"))
+                    os.rmdir(self.run.uri(STATE_DIR).removeprefix("file://"))
 
     def __enter__(self) -> OutputRun:
         return self.acquire()
@@ -422,16 +448,50 @@ def _delete_tree(uri: str, config: S3Config | None) -> None:
                 os.rmdir(dirpath)
 
 
+class ManifestConflict(FileExistsError):
+    """Another run committed a manifest while this one ran."""
+
+
+class ForeignFile(RuntimeError):
+    """A file this run would replace is not the dataset's (the user's own)."""
+
+
+def _check_held(run: OutputRun) -> None:
+    if not held(run):
+        raise LeaseLost(
+            f"this run no longer holds the lease on {run.output} (it stalled and another "
+            "run took it over): stopping without writing; rerun the convert job"
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def _owned(run: OutputRun) -> frozenset[str]:
+    found = _read(storage.join(run.records, "owned.json"), run.config)
+    return frozenset(_names(found[0])) if found else frozenset()
+
+
 def mark_written(run: OutputRun, name: str) -> None:
     """Records that this run is about to put ``name`` under the output.
 
     Raises:
         LeaseLost: the run no longer holds the output (it stalled beyond its lease and
             another run took over): it must not write there any more.
+        ForeignFile: a file named ``name`` is there that neither the dataset owned nor
+            this run wrote: the user's own, which is never replaced.
     """
-    if not held(run):
-        raise LeaseLost(f"this run no longer holds the lease on {run.output}: stopping")
-    storage.write_bytes(storage.join(run.records, f"written/{name}"), b"", run.config)
+    _check_held(run)
+    marker = storage.join(run.records, f"written/{name}")
+    if (
+        name not in _owned(run)
+        and storage.exists(run.uri(name), run.config)
+        and not storage.exists(marker, run.config)
+    ):
+        raise ForeignFile(
+            f"{run.uri(name)} exists and is not a file of this dataset: the convert job "
+            "never replaces files it did not write; move it, or choose another --output "
+            "or --num_shards"
+        )
+    storage.write_bytes(marker, b"", run.config)
 
 
 def stale_files(run: OutputRun, keep: set[str]) -> list[str]:
@@ -444,25 +504,28 @@ def stale_files(run: OutputRun, keep: set[str]) -> list[str]:
     return sorted(n for n in owned - keep if SHARD_NAME_RE.fullmatch(n))
 
 
-def finish(run: OutputRun, keep: set[str], manifest: bytes) -> None:
-    """Deletes stale files, commits ``manifest`` and removes this run's records.
+def finish(
+    run: OutputRun, keep: set[str], files: dict[str, bytes], manifest: bytes
+) -> None:
+    """Deletes stale files, writes ``files`` (name -> bytes: labels, rejections), commits
+    ``manifest`` and removes this run's records.
 
     Raises:
-        LeaseLost: another run holds the prefix now; nothing was committed.
-        FileExistsError: another run committed a manifest meanwhile.
+        LeaseLost: another run holds the prefix now; nothing was written.
+        ManifestConflict: another run committed a manifest meanwhile.
     """
-    if not held(run):
-        raise LeaseLost(
-            f"this run no longer holds the lease on {run.output} (another run took it "
-            "over): not committing; rerun the convert job"
-        )
+    _check_held(run)
     for name in stale_files(run, keep):
         storage.delete(run.uri(name), run.config)
+    for name, data in files.items():
+        _check_held(run)  # a run that lost the prefix must not touch another's files
+        storage.write_bytes(run.uri(name), data, run.config)
+    _check_held(run)
     manifest_uri = run.uri(DATASET_INFO)
     try:
         etag = create_exclusive(manifest_uri, manifest, run.config)
     except FileExistsError:
-        raise FileExistsError(
+        raise ManifestConflict(
             f"another run committed {manifest_uri} while this one ran: not overwriting it"
         ) from None
     if not held(run):

@@ -59,6 +59,7 @@ __all__ = [
 METRICS_NAMESPACE = "convert"
 REJECTED = "rejected"
 CLASSES = "classes"
+LISTED = "listed"
 # References per list: small against a worker's memory (~200 bytes each), large enough
 # that a runner's cost per element is negligible per image.
 REF_BATCH = 1000
@@ -107,6 +108,9 @@ def _folder(rel: str, split: str, name: str) -> _Folder:
         return _Folder(rel, split, name)
     if not name:
         return _Folder(rel, split, "", "empty_segment", _EMPTY_SEGMENT)
+    if storage.has_line_break(name):
+        return _Folder(rel, split, "", "bad_name", "folder name holds a line break, which "
+                       "labels.txt (one class per line) cannot hold: rename the folder")  # fmt: skip
     return _Folder(rel, split, "", "hidden_folder", f"in the folder {rel!r}, skipped "
                    "because its name starts with '.' (as "
                    "tf.keras.utils.image_dataset_from_directory skips it): rename it to "
@@ -125,7 +129,6 @@ class _ListRootFn(beam.DoFn):
     def _reject_folder(self, root: str, rel_folder: str):
         """Rejects every object under a folder whose name is not UTF-8 (local input)."""
         for rel, _size in storage.walk(storage.join(root, rel_folder), self._config):
-            self._listed.inc()
             yield pvalue.TaggedOutput(
                 REJECTED,
                 Rejection(storage.printable(f"{rel_folder}/{rel}"), "list", "bad_name",
@@ -147,9 +150,17 @@ class _ListRootFn(beam.DoFn):
         yield folder
 
     def process(self, root: str):
+        # Every object this level lists is rejected here: their number is the count.
+        listed = 0
+        for output in self._entries(root):
+            listed += isinstance(output, pvalue.TaggedOutput) and output.tag == REJECTED
+            yield output
+        self._listed.inc(listed)
+        yield pvalue.TaggedOutput(LISTED, listed)
+
+    def _entries(self, root: str):
         for name, size in self._level(root):
             if size is not None:
-                self._listed.inc()
                 yield pvalue.TaggedOutput(
                     REJECTED, _direct_object(name, "the input root")
                 )
@@ -161,7 +172,6 @@ class _ListRootFn(beam.DoFn):
                 for class_name, class_size in self._level(storage.join(root, name)):
                     rel = f"{name}/{class_name}"
                     if class_size is not None:
-                        self._listed.inc()
                         yield pvalue.TaggedOutput(
                             REJECTED, _direct_object(rel, f"the split folder {name!r}")
                         )
@@ -179,8 +189,9 @@ class _ListFolderFn(beam.DoFn):
 
     def process(self, folder: _Folder):
         refs = []
+        listed = 0
         for key, size in storage.walk_folder(self._root, folder.rel, self._config):
-            self._listed.inc()
+            listed += 1
             code = folder.code or storage.candidate_rejection(key, size)
             if code:
                 reason = folder.reason or _REASONS[code]
@@ -194,10 +205,12 @@ class _ListFolderFn(beam.DoFn):
                 refs = []
         if refs:
             yield refs
+        self._listed.inc(listed)
+        yield pvalue.TaggedOutput(LISTED, listed)
 
 
 class _SummaryFn(beam.CombineFn):
-    """ImageRef lists, Rejections and class names -> (objects listed, sorted class names)."""
+    """Counts of listed objects and class names -> (objects listed, sorted class names)."""
 
     def create_accumulator(self) -> tuple[int, set[str]]:
         return 0, set()
@@ -207,9 +220,7 @@ class _SummaryFn(beam.CombineFn):
         if isinstance(listed, str):
             labels.add(listed)
             return count, labels
-        if isinstance(listed, Rejection):
-            return count + 1, labels
-        return count + len(listed), labels
+        return count + listed, labels
 
     def merge_accumulators(self, accs):
         count, labels = 0, set()
@@ -252,7 +263,7 @@ class ListImages(beam.PTransform):
             | "ListRoot"
             >> beam.ParDo(
                 _ListRootFn(self._config, self._split_from_dirs)
-            ).with_outputs(REJECTED, CLASSES, main="folders")
+            ).with_outputs(REJECTED, CLASSES, LISTED, main="folders")
         )
         # _Folder: spread so that class folders are listed in parallel.
         listed = (
@@ -260,7 +271,7 @@ class ListImages(beam.PTransform):
             | "SpreadFolders" >> beam.Reshuffle()
             | "ListFolders"
             >> beam.ParDo(_ListFolderFn(self._root, self._config)).with_outputs(
-                REJECTED, main="refs"
+                REJECTED, LISTED, main="refs"
             )
         )
         rejected = (
@@ -268,8 +279,12 @@ class ListImages(beam.PTransform):
             | "FlattenRejected" >> beam.Flatten()
             | "CountRejected" >> beam.Map(count_rejection)
         )
+        # From counts the listing DoFns emit, not from the references and rejections
+        # themselves: a Flatten must not take a collection that another step consumes
+        # too (the Flink and Spark runners' fuser of Beam 2.62 then drops the
+        # Flatten's input: "PCollectionNodes ... were consumed but never produced").
         summary = (
-            (listed.refs, rejected, top[CLASSES])
+            (top[LISTED], listed[LISTED], top[CLASSES])
             | "AllListed" >> beam.Flatten()
             | "Summarize" >> beam.CombineGlobally(_SummaryFn())
         )

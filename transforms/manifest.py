@@ -149,14 +149,13 @@ def commit_dataset(
         "image_stats": _merge_stats(shards),
     }
     info["source"] = {**info.get("source", {}), "objects_listed": listed}
-    storage.write_bytes(
-        run.uri(LABELS), "".join(f"{label}\n" for label in labels).encode(), run.config
-    )
-    storage.write_bytes(
-        run.uri(REJECTED_FILE), "".join(r.to_json() + "\n" for r in ordered).encode(), run.config
-    )
+    files = {
+        LABELS: "".join(f"{label}\n" for label in labels).encode(),
+        REJECTED_FILE: "".join(r.to_json() + "\n" for r in ordered).encode(),
+    }
     keep = {e["file"] for split in splits.values() for e in split["shards"]}
-    finish(run, keep, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode())
+    manifest = (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()
+    finish(run, keep, files, manifest)
     return info
 
 

@@ -7,8 +7,10 @@ atomically at their final name (local: rename; S3: an upload completes or never 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 
@@ -91,10 +93,18 @@ def list_level(uri: str, config: S3Config | None = None) -> Iterator[tuple[str, 
         return
     with os.scandir(_local(uri)) as entries:
         for entry in entries:
-            if entry.is_dir(follow_symlinks=True):
+            if _is_dir(entry):
                 yield os.fsdecode(entry.name), None
             else:
                 yield os.fsdecode(entry.name), _size(entry.path)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; a link loop is not (as ``os.path.isdir`` says)."""
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False
 
 
 def _size(path: str) -> int:
@@ -152,7 +162,12 @@ def read_bytes(uri: str, config: S3Config | None = None) -> bytes:
             if code in ("AccessDenied", "403"):
                 raise PermissionError(f"{uri}: {code}") from None
             raise
-    with open(_local(uri), "rb") as f:
+    # Not blocking: a file replaced by a FIFO since it was listed must not hang the
+    # reader; only regular files are read.
+    fd = os.open(_local(uri), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EINVAL, "not a regular file", uri)
         return f.read()
 
 
@@ -226,6 +241,7 @@ __all__ += [
     "candidate_rejection",
     "class_folders",
     "has_empty_segment",
+    "has_line_break",
     "is_class_folder",
     "walk_folder",
 ]
@@ -237,9 +253,15 @@ def is_class_folder(name: str) -> bool:
     The rule of ``tf.keras.utils.image_dataset_from_directory(labels="inferred")``: every
     folder whose name does not start with ``.``, empty or not (a link to a folder is a
     folder). Less the names no dataset can hold: ``""`` (on S3, the common prefix of keys
-    holding ``//``) and names that are not UTF-8.
+    holding ``//``), names that are not UTF-8 and names holding a line break.
     """
-    return bool(name) and not name.startswith(".") and is_utf8(name)
+    return bool(name) and not name.startswith(".") and is_utf8(name) and not has_line_break(name)
+
+
+def has_line_break(name: str) -> bool:
+    """Whether a name holds a character that ends a line: labels.txt has one name per
+    line, so such a folder cannot be a class (Keras would take it)."""
+    return name.splitlines() != [name]
 
 
 def class_folders(uri: str, config: S3Config | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
 import functools
 import gc
 import os
@@ -170,10 +171,16 @@ class _WriteShardFn(beam.DoFn):
         uri = storage.join(self._input, item.key)
         try:
             data = storage.read_bytes(uri, self._config)
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             return Rejection(item.key, "fetch", "object_missing", "gone since it was listed")
-        except PermissionError as e:
-            return Rejection(item.key, "fetch", "unreadable", f"permission denied: {e}")
+        except IsADirectoryError:
+            return Rejection(item.key, "fetch", "unreadable", "not a regular file any more "
+                             "(replaced since it was listed)")  # fmt: skip
+        except PermissionError:
+            return Rejection(item.key, "fetch", "unreadable", "permission denied")
+        except OSError as e:  # a link loop, a device gone, a socket: this file only
+            return Rejection(item.key, "fetch", "unreadable",
+                             f"cannot read it ({errno.errorcode.get(e.errno, 'OSError')})")  # fmt: skip
         with _DECODE_SLOTS:
             return convert_record(self._settings, item, data)
 
