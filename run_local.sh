@@ -2,7 +2,8 @@
 # The README's commands. Sets up .venv (reused while requirements.txt and setup.py are
 # unchanged), then:
 #   ./run_local.sh                 end-to-end demo on a local S3 server and sample images
-#   ./run_local.sh --runner=R …    the demo on another runner (any Beam options follow)
+#   ./run_local.sh --runner=R …    the demo on another runner (any Beam options follow);
+#                                  FlinkRunner and SparkRunner start a local cluster
 #   ./run_local.sh test [ARGS]     the test suite (pytest ARGS)
 #   ./run_local.sh JOB [ARGS]      a job on your own data: convert, upload, analyze, inspect
 set -euo pipefail
@@ -53,7 +54,9 @@ case "$cmd" in
   demo) exec "$VENV/bin/python" -m beam_jobs.demo "$@" ;;
   test) ensure_chromium; exec "$VENV/bin/python" -m pytest tests "$@" ;;
   convert|upload|analyze|inspect) exec "$VENV/bin/python" -m "beam_jobs.$cmd" "$@" ;;
-  -h|--help|help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+  --runner=FlinkRunner|--runner=SparkRunner)
+    exec "$VENV/bin/python" -m engines "$cmd" "$@" ;;
   --*) exec "$VENV/bin/python" -m beam_jobs.demo "$cmd" "$@" ;;
   *) echo "run_local.sh: unknown command '$cmd' (try: demo, test, convert, upload, analyze, inspect, help)" >&2; exit 2 ;;
 esac

@@ -1,0 +1,189 @@
+"""Every job on real Flink and Spark clusters on 127.0.0.1, submitted through Beam's
+job servers, against the local S3 server.
+
+A Flink session cluster (JobManager + TaskManager with 2 slots) and a Spark standalone
+cluster (master + worker with 2 cores) are started once per module by
+``engines.clusters``, each with Beam's job server in front of it, and stopped at the
+end (their logs stay in pytest's temporary folder). Jobs run with the SDK workers in
+this process (``LOOPBACK``) and, for convert, in an ``EXTERNAL`` worker pool whose
+workers install only what the job staged (``--setup_file``), as on a cluster node.
+
+Convert must write the files DirectRunner writes, byte for byte, with the same
+counters; upload, analyze and inspect --verify must give the same, checked results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from beam_jobs import analyze, convert, inspect, upload
+from beam_jobs.common import counters
+from beam_jobs.local_s3 import put_tree
+from beam_jobs.sample_data import write_sample_tree
+from engines import clusters
+from tests.test_analyze import _check_statistics
+from tests.test_runners import CONVERT_ARGS, PER_CLASS, ROOT, _objects, worker_pool
+from transforms import s3, storage
+from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
+from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
+from transforms.verify import METRICS_NAMESPACE as VERIFY_METRICS
+
+__all__ = ["worker_pool"]  # a fixture this module uses, imported from test_runners
+
+BUCKET = "engines"
+
+
+def _engine(name: str, tmp_path_factory):
+    with clusters.running(name, workdir=tmp_path_factory.mktemp(name)) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def flink(tmp_path_factory):
+    """A Flink session cluster and Beam's Flink job server on 127.0.0.1."""
+    yield from _engine("flink", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    """A Spark standalone cluster and Beam's Spark job server on 127.0.0.1."""
+    yield from _engine("spark", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sample(s3_server, tmp_path_factory) -> str:
+    """The sample tree on S3: ``s3://engines/images/``."""
+    src = str(tmp_path_factory.mktemp("engines-src"))
+    write_sample_tree(src, per_class=PER_CLASS)
+    s3.client().create_bucket(Bucket=BUCKET)
+    put_tree(src, BUCKET, "images/")
+    return f"s3://{BUCKET}/images/"
+
+
+@pytest.fixture(scope="module")
+def reference(sample) -> tuple[dict[str, bytes], dict[str, int]]:
+    """Convert on DirectRunner in_memory: the files and counters every engine must match."""
+    out = f"s3://{BUCKET}/reference/"
+    result = convert.run(
+        ["--input", sample, "--output", out, "--direct_running_mode=in_memory", *CONVERT_ARGS]
+    )
+    return _objects(out), counters(result, CONVERT_METRICS)
+
+
+def _args(engine: clusters.Engine, environment: str, request) -> list[str]:
+    if environment == "LOOPBACK":
+        return engine.pipeline_args("LOOPBACK")
+    pool = request.getfixturevalue("worker_pool")
+    return [*engine.pipeline_args("EXTERNAL", pool), f"--setup_file={ROOT}/setup.py"]
+
+
+def _convert_matches_reference(engine, environment, sample, reference, request) -> None:
+    out = f"s3://{BUCKET}/convert-{engine.name}-{environment.lower()}/"
+    result = convert.run(
+        ["--input", sample, "--output", out, *CONVERT_ARGS, *_args(engine, environment, request)]
+    )
+    files, counts = reference
+    got = _objects(out)
+    assert sorted(got) == sorted(files)
+    for name, data in files.items():
+        assert got[name] == data, f"{name} differs from DirectRunner in_memory's"
+    assert counters(result, CONVERT_METRICS) == counts
+
+
+def _upload_is_complete(engine, s3_bucket, tmp_path) -> None:
+    src = tmp_path / "src"
+    write_sample_tree(str(src), per_class=3, corrupt=False)
+    (src / "cat" / "big.bin").write_bytes(os.urandom(int(1.5 * 2**20)))  # multipart
+    prefix = "images/"
+    already = "bird/bird_0000.jpg"
+    s3.put_bytes(s3_bucket, prefix + already, (src / already).read_bytes())
+    local = {
+        path.relative_to(src).as_posix(): path.read_bytes()
+        for path in src.rglob("*")
+        if path.is_file()
+    }
+    report = tmp_path / "report.json"
+    result = upload.run([f"--source={src}", f"--output=s3://{s3_bucket}/{prefix}",
+                         "--multipart_threshold_mb=1", f"--report={report}",
+                         *engine.pipeline_args()])  # fmt: skip
+    sent = {k: v for k, v in local.items() if k != already}
+    assert counters(result, UPLOAD_METRICS) == {
+        "bytes_uploaded": sum(len(v) for v in sent.values()),
+        "files_uploaded": len(sent),
+    }
+    assert json.loads(report.read_text())["counts"] == {"unchanged": 1, "uploaded": len(sent)}
+    assert _objects(f"s3://{s3_bucket}/{prefix}") == local
+
+
+def _analyze_is_right(engine, reference) -> None:
+    dataset = f"s3://{BUCKET}/analyze-{engine.name}/"
+    for name, data in reference[0].items():
+        storage.write_bytes(storage.join(dataset, name), data)
+    analyze.run(["--dataset", dataset, "--record_batch_size", "4", *engine.pipeline_args()])
+    analysis = json.loads(storage.read_bytes(storage.join(dataset, "analysis.json")))
+    _check_statistics(dataset, analysis)
+
+
+def _verify(engine, reference, damaged: bool) -> dict[str, int]:
+    dataset = f"s3://{BUCKET}/verify-{engine.name}-{'damaged' if damaged else 'good'}/"
+    for name, data in reference[0].items():
+        if damaged and name == "train-00001-of-00003.tfrecord":
+            data = data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[
+                len(data) // 2 + 1 :
+            ]
+        storage.write_bytes(storage.join(dataset, name), data)
+    result = inspect.run([dataset, "--verify", *engine.pipeline_args()])
+    assert inspect.verify_failed(result) == damaged
+    return counters(result, VERIFY_METRICS)
+
+
+ENVIRONMENTS = ["LOOPBACK", "EXTERNAL"]
+
+
+# ---------------------------------------------------------------- Flink
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_convert_identical_on_flink(flink, environment, sample, reference, request):
+    _convert_matches_reference(flink, environment, sample, reference, request)
+
+
+def test_upload_on_flink(flink, s3_bucket, tmp_path):
+    _upload_is_complete(flink, s3_bucket, tmp_path)
+
+
+def test_analyze_on_flink(flink, reference):
+    _analyze_is_right(flink, reference)
+
+
+def test_inspect_verify_on_flink(flink, reference):
+    good = _verify(flink, reference, damaged=False)
+    assert (good["shards_passed"], good.get("shards_failed", 0)) == (4, 0)
+    damaged = _verify(flink, reference, damaged=True)
+    assert (damaged["shards_passed"], damaged["shards_failed"]) == (3, 1)
+
+
+# ---------------------------------------------------------------- Spark
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_convert_identical_on_spark(spark, environment, sample, reference, request):
+    _convert_matches_reference(spark, environment, sample, reference, request)
+
+
+def test_upload_on_spark(spark, s3_bucket, tmp_path):
+    _upload_is_complete(spark, s3_bucket, tmp_path)
+
+
+def test_analyze_on_spark(spark, reference):
+    _analyze_is_right(spark, reference)
+
+
+def test_inspect_verify_on_spark(spark, reference):
+    good = _verify(spark, reference, damaged=False)
+    assert (good["shards_passed"], good.get("shards_failed", 0)) == (4, 0)
+    damaged = _verify(spark, reference, damaged=True)
+    assert (damaged["shards_passed"], damaged["shards_failed"]) == (3, 1)
