@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     if runner not in ENGINES:
         sys.exit(f"engines: give --runner=FlinkRunner or --runner=SparkRunner, not {runner!r}")
     rest = [a for a in args if not a.startswith("--runner=")]
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    logging.getLogger("engines").setLevel(logging.INFO)
     print(f"Starting a local {ENGINES[runner]} cluster and Beam's job server "
           "(first use fetches them into .engines/) …", flush=True)  # fmt: skip
     with clusters.running(ENGINES[runner]) as engine:
