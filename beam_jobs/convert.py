@@ -32,7 +32,7 @@ from beam_jobs.common import (
     pipeline_options,
     s3_config,
 )
-from tfdata_reader.manifest import load_info
+from tfdata_reader.manifest import load_info, s3_error
 from transforms import s3, storage
 from transforms.commit import (
     ForeignFile,
@@ -198,7 +198,9 @@ def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
         code = e.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
             raise UserError(f"bucket of {root} does not exist") from None
-        raise UserError(f"cannot list {root}: {code or e}") from None
+        raise UserError(str(s3_error(e, root))) from None
+    except botocore.exceptions.BotoCoreError as e:  # no credentials, no endpoint
+        raise UserError(str(s3_error(e, root))) from None
     except PermissionError as e:
         raise UserError(f"cannot list {root}: {e}") from None
     if not classes:
@@ -234,6 +236,8 @@ def _output_lease(output: str, config: S3Config) -> Iterator[OutputRun]:
     except botocore.exceptions.ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         raise UserError(f"cannot write to {output}: {code or e}") from None
+    except botocore.exceptions.BotoCoreError as e:
+        raise UserError(str(s3_error(e, output))) from None
     except OSError as e:
         raise UserError(f"cannot write to {output}: {e.strerror or e}") from None
     try:

@@ -73,3 +73,33 @@ def test_beam_options_still_pass(tmp_path):
                                 "--s3_endpoint_url=http://127.0.0.1:1",
                                 "--flink_master=127.0.0.1:8081", "--job_endpoint=embed"])  # fmt: skip
     assert options.get_all_options()["direct_num_workers"] == 2
+
+
+@pytest.mark.parametrize(
+    "env, flags, message",
+    [
+        ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_PROFILE": None,
+          "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+          "AWS_EC2_METADATA_DISABLED": "true"}, [], "no AWS credentials to read"),
+        ({"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_MAX_ATTEMPTS": "1"},
+         ["--s3_endpoint_url=http://127.0.0.1:9"], "cannot reach http://127.0.0.1:9"),
+    ],
+    ids=["no-credentials", "unreachable-endpoint"],
+)  # fmt: skip
+def test_s3_setup_problems_are_one_line(tmp_path, env, flags, message):
+    full = {**os.environ, "PYTHONPATH": ROOT}
+    full.pop("AWS_ENDPOINT_URL_S3", None)
+    for name, value in env.items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    done = subprocess.run(
+        [sys.executable, "-m", "beam_jobs.convert", "--input", "s3://bucket/in",
+         "--output", str(tmp_path / "out"), *flags],
+        cwd=ROOT, capture_output=True, text=True, env=full, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("convert: error: ") and message in lines[-1]
+    assert "Traceback" not in done.stderr
