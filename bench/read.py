@@ -6,7 +6,10 @@ Rows, images/s over one full epoch each, same batch size and output size:
 
 - ``make_dataset`` from S3 through the project's proxy (``--latency_ms`` added to every
   request), cold cache (a fresh cache directory) and warm cache (the same dataset
-  iterated again);
+  iterated again), where every shard's sha256 is computed again before it is read
+  (``recheck="sha256"``, the default);
+- the same warm cache read by a ``ShardCache(recheck="stat")``, which only compares size,
+  inode and mtime with the publish record: the cost of the rehash is the difference;
 - ``make_dataset`` from local files;
 - a plain ``TFRecordDataset`` over the local shards, read only (no parse, no decode): the
   I/O limit;
@@ -18,7 +21,9 @@ Rows, images/s over one full epoch each, same batch size and output size:
 
 Each round runs every row once, in this order; the table shows the median of
 ``--repeats`` rounds, so a burst of load from another process moves one sample, not a
-ratio. The S3 server (``moto_server``) and the proxy run in their own processes, as S3
+ratio. Beside each rate, the reader process's CPU time per image (all its threads; S3
+and the proxy run in other processes): on a shared machine that moves much less than a
+rate. The S3 server (``moto_server``) and the proxy run in their own processes, as S3
 does not share the reader's interpreter. A warm-up pass before the first round keeps
 TensorFlow's one-time start-up costs (thread pools, kernels) out of whichever row
 happens to come first. S3 requests are counted by the client (every HTTP attempt).
@@ -48,13 +53,14 @@ from transforms.s3 import S3Config
 BUCKET = "bench-reader"
 
 
-def _rate(ds) -> tuple[float, int]:
-    start = time.perf_counter()
+def _rate(ds) -> tuple[float, int, float]:
+    """Images/s, images, and this process's CPU ms per image (all its threads)."""
+    start, cpu = time.perf_counter(), time.process_time()
     n = 0
     for batch in ds:
         images = batch[0] if isinstance(batch, tuple) else batch
         n += int(tf.shape(images)[0])
-    return n / (time.perf_counter() - start), n
+    return n / (time.perf_counter() - start), n, 1000 * (time.process_time() - cpu) / n
 
 
 def one_get_per_image(
@@ -160,14 +166,21 @@ def _measure(args, size, work, out, config, requests) -> dict:
             pass
     rows: dict[str, list] = {}
     for r in range(args.repeats):
-        cache = ShardCache(os.path.join(work, f"cache-{r}"), config=config)
+        cache_dir = os.path.join(work, f"cache-{r}")
+        cache = ShardCache(cache_dir, config=config)
         remote = make(f"s3://{BUCKET}/converted", cache=cache, config=config)
         before = requests[0]
         rows.setdefault("cold", []).append(_rate(remote))
-        rows.setdefault("cold requests", []).append((requests[0] - before, 0))
+        rows.setdefault("cold requests", []).append((requests[0] - before, 0, 0))
         before = requests[0]
         rows.setdefault("warm", []).append(_rate(remote))
-        rows.setdefault("warm requests", []).append((requests[0] - before, 0))
+        rows.setdefault("warm requests", []).append((requests[0] - before, 0, 0))
+        stat_only = ShardCache(cache_dir, config=config, recheck="stat")
+        rows.setdefault("warm_stat", []).append(
+            _rate(make(f"s3://{BUCKET}/converted", cache=stat_only, config=config))
+        )
+        cache.close()
+        stat_only.close()
         for name, build in pipelines.items():
             rows.setdefault(name, []).append(_rate(build()))
         print(
@@ -178,11 +191,13 @@ def _measure(args, size, work, out, config, requests) -> dict:
 
 
 def _print(args, size, rows: dict) -> None:
-    rate = {k: statistics.median(x for x, _ in v) for k, v in rows.items()}
+    rate = {k: statistics.median(x for x, _, _ in v) for k, v in rows.items()}
     count = {k: v[-1][1] for k, v in rows.items()}
+    cpu = {k: statistics.median(c for _, _, c in v) for k, v in rows.items()}
     names = {
         "cold": "make_dataset, S3 +latency, cold cache",
         "warm": "make_dataset, S3 +latency, warm cache",
+        "warm_stat": "  the same, warm, stat check only (no rehash)",
         "local": "make_dataset, local files",
         "plain": "plain TFRecordDataset, local (read only)",
         "tutorial": "one GET per image: tf.data + py_function GET",
@@ -194,11 +209,18 @@ def _print(args, size, rows: dict) -> None:
         f"output {size[0]}x{size[1]}, batch {args.batch_size}, S3 latency "
         f"{args.latency_ms:.0f} ms, {os.cpu_count()} CPUs, median of {args.repeats} rounds"
     )
-    print(f"{'pipeline':<46}{'images':>8}{'images/s':>10}{'vs local':>10}")
+    print(f"{'pipeline':<46}{'images':>8}{'images/s':>10}{'vs local':>10}{'CPU ms/img':>12}")
     for key, name in names.items():
-        print(f"{name:<46}{count[key]:>8}{rate[key]:>10.0f}{rate[key] / local:>9.2f}x")
+        print(
+            f"{name:<46}{count[key]:>8}{rate[key]:>10.0f}{rate[key] / local:>9.2f}x"
+            f"{cpu[key]:>12.3f}"
+        )
     print(f"cold / local files            {rate['cold'] / local:.2f}  (target >= 0.80)")
     print(f"warm / local files            {rate['warm'] / local:.2f}  (target >= 0.95)")
+    print(
+        f"warm, sha256 on open / stat only: rate {rate['warm'] / rate['warm_stat']:.2f}, "
+        f"CPU per image {cpu['warm'] / cpu['warm_stat']:.3f}"
+    )
     print(
         f"cold / one GET per image      {rate['cold'] / rate['tutorial']:.1f}  (target >= 5)"
     )

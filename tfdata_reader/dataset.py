@@ -4,10 +4,15 @@ Pipeline (one epoch per iteration; Keras ``fit(epochs=N)`` iterates it again, re
 
     shard indices of this worker, shuffled per iteration (seeded)
     -> schedule the fetch (S3: background pool, ``prefetch_shards`` ahead)
-    -> wait for a verified local path (S3 cache or the local file)
-    -> parallel interleave of TFRecordDataset over shards
+    -> parallel interleave over shards, each:
+         wait for a verified local path, held until the shard is read (S3 cache or the
+         local file); check its first record's framing against the manifest's compression
+         -> TFRecordDataset
          -> parse_single_example -> decode -> resize / augment (stateless, seeded) -> uint8
-         -> bad records skipped and counted per shard (unless strict)
+            (a record that fails ends the iteration; with ``skip_bad_records`` it is
+            skipped, counted and logged with its shard)
+         -> records read counted against the manifest at the shard's end: any difference
+            is an error naming the shard
     -> shuffle buffer -> batch -> normalise, one-hot -> prefetch (AUTOTUNE)
 
 Only shards listed in ``dataset_info.json`` are read. Every stage is a tf.data stage, so the
@@ -16,18 +21,27 @@ iterator can be saved with ``tf.train.Checkpoint`` and resumed mid-epoch.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
+import functools
+import gc
 import logging
 import os
+import struct
+import sys
 import threading
+import time
+import zlib
 from collections.abc import Sequence
 
+import botocore.exceptions
+import google_crc32c
 import tensorflow as tf
 
 from tfdata_reader import ops, transform
 from tfdata_reader.cache import ShardCache
-from tfdata_reader.manifest import DatasetError, load_info, shard_uris
+from tfdata_reader.manifest import DatasetError, load_info, s3_error, shard_uris
 from transforms import s3, storage
 from transforms.host import usable_cpus
 from transforms.s3 import S3Config
@@ -42,22 +56,147 @@ _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
 }
+# With skip_bad_records, records are decoded in groups, each its own small dataset under
+# ignore_errors(), so that a record that fails is dropped alone while a failing read (a
+# missing file, broken framing) still ends the iteration: ignore_errors() over the
+# TFRecordDataset itself retries a failed open forever. Each group costs an instantiation
+# of the decode function (tens of ms), hence groups rather than single records.
+_GROUP = 64
+_EXAMPLE, _TALLY, _END = 0, 1, 2
+# Enough of a shard's head to find its first record header, also when compressed.
+_HEAD_BYTES = 64 * 1024
+_COMPRESSIONS = ("", "GZIP", "ZLIB")
 
 
 @dataclasses.dataclass
 class ReaderStats:
-    """What a reader skipped, filled in while it runs (pass one to ``make_dataset``).
+    """What a reader skipped and what its cache did, filled in while it runs (pass one to
+    ``make_dataset``).
 
     Attributes:
-        skipped: records skipped per shard URI (corrupt record or undecodable image).
+        skipped: records skipped per shard URI (``skip_bad_records=True``: a malformed
+            example or an undecodable image).
+        cache: the shard cache's counters: ``hits``, ``downloads``, ``downloaded_bytes``,
+            ``damaged`` (cached copies that failed their check and were fetched again),
+            ``mismatches`` (downloads that did not match the manifest), ``evicted``,
+            ``raced`` (copies another process published first).
     """
 
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    cache: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
+
+
+class _Calls:
+    """Counts the reader's py_function calls running now, in every dataset."""
+
+    running = 0
+    lock = threading.Lock()
+
+    @classmethod
+    def tracked(cls, fn):
+        @functools.wraps(fn)
+        def call(*args):
+            with cls.lock:
+                cls.running += 1
+            try:
+                return fn(*args)
+            finally:
+                with cls.lock:
+                    cls.running -= 1
+
+        return call
+
+
+def _exit_after_failure() -> None:
+    """Lets a process whose reader failed exit.
+
+    The traceback of an uncaught exception keeps the failed iterator alive until the
+    interpreter finalizes; TF then destroys it holding the GIL and waits for its threads,
+    and a thread inside a py_function never gets the GIL back: the process hangs for good
+    (TF 2.21). Here, at exit (the shard caches are closed by then, so no call waits on a
+    fetch), once no reader call has run for 0.1 s, the traceback is dropped and the
+    iterator destroyed while its threads are idle.
+    """
+    if getattr(sys, "last_value", None) is None:
+        return
+    deadline, quiet = time.monotonic() + 10, 0
+    while quiet < 5 and time.monotonic() < deadline:
+        quiet = quiet + 1 if _Calls.running == 0 else 0
+        time.sleep(0.02)
+    for name in ("last_exc", "last_value", "last_traceback", "last_type"):
+        if getattr(sys, name, None) is not None:
+            setattr(sys, name, None)
+    gc.collect()
+
+
+atexit.register(_exit_after_failure)
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _starts_records(head: bytes, compression: str, size: int) -> bool:
+    """Whether a shard's first bytes begin TFRecords (or no records) so compressed."""
+    data = head
+    if compression:
+        try:
+            # GZIP: a gzip header (wbits 16 + 15); ZLIB: TF writes a zlib header.
+            data = zlib.decompressobj(31 if compression == "GZIP" else 15).decompress(head, 12)
+        except zlib.error:
+            return False
+    if len(data) < 12:
+        return not data and len(head) == size  # the whole file holds no records
+    return _masked_crc(data[:8]) == struct.unpack("<I", data[8:12])[0]
+
+
+def _framing_problem(uri: str, head: bytes, compression: str, size: int) -> str | None:
+    """Why a shard cannot be read with the manifest's compression, or ``None``."""
+    if _starts_records(head, compression, size):
+        return None
+    claimed = compression or "uncompressed"
+    actual = next(
+        (c or "uncompressed" for c in _COMPRESSIONS if c != compression
+         and _starts_records(head, c, size)),
+        None,
+    )  # fmt: skip
+    if actual:
+        return (
+            f"shard {uri} holds {actual} TFRecords, not {claimed} ones as dataset_info.json's "
+            "'compression' says: the manifest does not match its shards; rerun the convert "
+            "job (or correct 'compression')"
+        )
+    return (
+        f"shard {uri} does not start with a {claimed} TFRecord: its first record header "
+        "is broken; rerun the convert job"
+    )
+
+
+def _head(uri: str, entry: dict, config: S3Config | None) -> bytes:
+    if not s3.is_s3(uri):
+        with open(uri, "rb") as f:
+            return f.read(_HEAD_BYTES)
+    if not entry["bytes"]:
+        return b""
+    bucket, key = s3.parse(uri)
+
+    def _get() -> bytes:
+        return (
+            s3.client(config)
+            .get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{_HEAD_BYTES - 1}")["Body"]
+            .read()
+        )
+
+    try:
+        return s3.body_retries(_get)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        raise s3_error(e, uri) from None
 
 
 def _worker_shards(n_shards: int, num_workers: int, worker_index: int) -> tuple[list[int], bool]:
@@ -87,7 +226,10 @@ def _check_present(uri: str, shards: list[tuple[str, dict]], config: S3Config | 
     S3: one paged LIST of the prefix, not a HEAD per shard.
     """
     if s3.is_s3(uri):
-        found = dict(storage.walk(uri, config))
+        try:
+            found = dict(storage.walk(uri, config))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            raise s3_error(e, uri) from None
     else:
         found = {}
         for shard_uri, entry in shards:
@@ -126,7 +268,7 @@ def make_dataset(
     num_workers: int = 1,
     worker_index: int = 0,
     input_context: tf.distribute.InputContext | None = None,
-    strict: bool = False,
+    skip_bad_records: bool = False,
     cache: ShardCache | None = None,
     cache_dir: str | None = None,
     cache_max_bytes: int | None = None,
@@ -162,13 +304,16 @@ def make_dataset(
         num_workers: input pipelines in the job (multi-host), with ``worker_index``.
         worker_index: this pipeline's index in ``[0, num_workers)``.
         input_context: ``tf.distribute.InputContext``; overrides the two above.
-        strict: raise on the first bad record instead of skipping and counting it.
+        skip_bad_records: skip a record whose example or image cannot be parsed or
+            decoded, count it in ``stats.skipped`` and log a warning per shard (records
+            are then decoded in groups of 64, each group its own small dataset: slower);
+            by default such a record fails the iteration with TensorFlow's error.
         cache: a ``ShardCache`` to share between datasets; else one is made from
             ``cache_dir`` / ``cache_max_bytes``.
         prefetch_shards: S3 shards fetched ahead of the reader.
         cycle_length: shards read at once (default: ``min(shards, max(4, CPUs))``).
         verify: check fetched shards by ``"sha256"``, ``"size"`` or ``"none"``.
-        stats: filled with the records skipped per shard.
+        stats: filled with the records skipped per shard and the cache's counters.
         config: S3 client settings; ``None`` uses the standard AWS chain.
 
     Returns:
@@ -176,9 +321,12 @@ def make_dataset(
         ``(batch,)`` int64 or ``(batch, num_classes)`` float32.
 
     Raises:
-        DatasetError: no or invalid ``dataset_info.json``, unknown split, or a listed shard
-            missing or of the wrong size. A checksum mismatch found while fetching fails
-            the iteration with the shard's URI in the message.
+        DatasetError: no or invalid ``dataset_info.json``, unknown split, a listed shard
+            missing or of the wrong size, shards that do not match the manifest's
+            ``compression``, or S3 refusing the credentials or out of reach. While
+            iterating, a shard that does not match the manifest after the cache's
+            ``attempts`` or holds fewer or more records than listed fails the iteration
+            with a ``tf.errors.OpError`` whose message is the ``DatasetError``'s.
     """
     if isinstance(normalize, str) and normalize == "transform_fn":
         normalize = transform.pixel_normalizer(transform.load_analysis(uri, config))
@@ -203,10 +351,19 @@ def make_dataset(
         raise DatasetError(f"split {split!r} of {uri} has no shards")
     _check_present(uri, shards, config)
     indices, by_record = _worker_shards(len(shards), num_workers, worker_index)
+    compression = info.get("compression", "")
+    # One shard's head, before anything is cached: a manifest whose 'compression' does not
+    # match the shards is refused here (each shard is checked again when opened).
+    first_uri, first = shards[indices[0]]
+    if problem := _framing_problem(
+        first_uri, _head(first_uri, first, config), compression, first["bytes"]
+    ):
+        raise DatasetError(problem)
     if cache is None:
         kwargs = {"max_bytes": cache_max_bytes} if cache_max_bytes else {}
         cache = ShardCache(cache_dir, verify=verify, config=config, **kwargs)
     stats = stats if stats is not None else ReaderStats()
+    stats.cache = cache.stats
     uris = [u for u, _ in shards]
     entries = [e for _, e in shards]
     expected = [
@@ -214,30 +371,50 @@ def make_dataset(
         for e in entries
     ]
     num_classes = len(info["labels"])
-    compression = info.get("compression", "")
+    cycle = cycle_length or min(len(indices), max(4, usable_cpus()))
+    # What one iteration holds at most: shards fetched ahead, and the interleave's current
+    # and next inputs; twice that, so only an abandoned iteration's shards are let go.
+    owner = cache.new_owner(2 * (prefetch_shards + 2 * cycle) + 4)
 
     def _schedule(i):
         i = int(i)
-        cache.schedule(uris[i], entries[i])
+        cache.schedule(uris[i], entries[i], owner)
         return i
 
-    def _local_path(i):
+    def _open(i):
         i = int(i)
-        return cache.get(uris[i], entries[i])
+        path, ticket = cache.get(uris[i], entries[i], owner)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_HEAD_BYTES)
+            if problem := _framing_problem(uris[i], head, compression, entries[i]["bytes"]):
+                raise DatasetError(problem)
+        except BaseException:
+            cache.release(ticket)
+            raise
+        return path, ticket
 
-    def _report(i, count):
-        i, count = int(i), int(count)
-        cache.release(uris[i], entries[i])
-        if count < expected[i]:
-            with stats._lock:
-                stats.skipped[uris[i]] += expected[i] - count
-            log.warning(
-                "skipped %d of %d records of shard %s (corrupt record or undecodable image)",
-                expected[i] - count,
-                expected[i],
-                uris[i],
+    def _report(i, ticket, decoded, read, first_bad):
+        i, decoded, read, first_bad = int(i), int(decoded), int(read), int(first_bad)
+        cache.release(int(ticket))
+        where = f"this worker's share of shard {uris[i]}" if by_record else f"shard {uris[i]}"
+        if read != expected[i]:
+            raise DatasetError(
+                f"{where} holds {read} records but dataset_info.json lists {expected[i]}: "
+                "the manifest does not match its shards; rerun the convert job"
             )
-        return count
+        if bad := read - decoded:
+            with stats._lock:
+                stats.skipped[uris[i]] += bad
+            log.warning(
+                "skipped %d of %d records of shard %s (malformed example or undecodable "
+                "image; the first is record %d)",
+                bad,
+                read,
+                uris[i],
+                first_bad * num_workers + worker_index if by_record else first_bad,
+            )
+        return decoded
 
     order = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
     if shuffle:
@@ -247,13 +424,9 @@ def make_dataset(
     order = tf.data.Dataset.zip(order, roots)
     if s3.is_s3(uri):
         order = order.map(
-            lambda i, r: (tf.py_function(_schedule, [i], tf.int64), r),
+            lambda i, r: (tf.py_function(_Calls.tracked(_schedule), [i], tf.int64), r),
             num_parallel_calls=None,
         ).prefetch(prefetch_shards)
-    order = order.map(
-        lambda i, r: (i, r, tf.py_function(_local_path, [i], tf.string)),
-        num_parallel_calls=None,
-    )
 
     def _record(j, record, root):
         example = tf.io.parse_single_example(record, _FEATURES)
@@ -261,35 +434,57 @@ def make_dataset(
         image = ops.to_image(example["image/encoded"], image_size, resize, augment, seed_pair)
         return image, example["image/class/label"]
 
-    def _read_shard(i, root, path):
+    def _read_shard(i, root):
+        # Here, not in a map before the interleave: a restored iterator makes its current
+        # shards again through this function, and so holds their files again.
+        path, ticket = tf.py_function(_Calls.tracked(_open), [i], [tf.string, tf.int64])
+        path.set_shape([])
         records = tf.data.TFRecordDataset(path, compression_type=compression)
         if by_record:
             records = records.shard(num_workers, worker_index)
-        examples = records.enumerate().map(lambda j, rec: _record(j, rec, root))
-        if not strict:
-            examples = examples.ignore_errors()
-        # A sentinel after the shard's last record unpins its cache file and reports how
-        # many records were skipped.
-        end = tf.data.Dataset.from_tensors(
-            (tf.zeros([*image_size, 3], tf.uint8), tf.constant(-1, tf.int64))
-        )
+        nothing = tf.zeros([0, 0, 3], tf.uint8)
 
-        def _count(n, element):
-            image, label = element
-            n = n + tf.cast(label >= 0, tf.int64)
-            reported = tf.cond(
-                label < 0,
-                lambda: tf.py_function(_report, [i, n], tf.int64),
-                lambda: n,
+        def _decode(js, group):
+            examples = tf.data.Dataset.from_tensor_slices((js, group)).map(
+                lambda j, record: (*_record(j, record, root), j, _EXAMPLE)
             )
-            return n, (image, label, reported)
+            # After the group's examples, how far it reached, decoded or not.
+            tally = (nothing, tf.constant(-1, tf.int64), js[-1] + 1, _TALLY)
+            return examples.ignore_errors().concatenate(tf.data.Dataset.from_tensors(tally))
 
-        counted = examples.concatenate(end).scan(tf.constant(0, tf.int64), _count)
-        return counted.filter(lambda image, label, _: label >= 0).map(
-            lambda image, label, _: (image, label)
+        end = (nothing, tf.constant(-1, tf.int64), tf.constant(0, tf.int64), _END)
+        if skip_bad_records:
+            elements = records.enumerate().batch(_GROUP).flat_map(_decode)
+        else:
+            elements = records.enumerate().map(
+                lambda j, record: (*_record(j, record, root), j, _EXAMPLE)
+            )
+        elements = elements.concatenate(tf.data.Dataset.from_tensors(end))
+
+        def _count(state, element):
+            decoded, read, next_j, first_bad = state
+            image, label, j, kind = element
+            reached = tf.where(kind == _END, next_j, j)
+            first_bad = tf.where((first_bad < 0) & (reached > next_j), next_j, first_bad)
+            decoded += tf.cast(kind == _EXAMPLE, tf.int64)
+            read = tf.where(kind == _TALLY, j, read + tf.cast(kind == _EXAMPLE, tf.int64))
+            next_j = tf.where(kind == _EXAMPLE, j + 1, tf.where(kind == _TALLY, j, next_j))
+            # The end unholds the shard's file and checks the counts (raising if wrong).
+            reported = tf.cond(
+                kind == _END,
+                lambda: tf.py_function(
+                    _Calls.tracked(_report), [i, ticket, decoded, read, first_bad], tf.int64
+                ),
+                lambda: decoded,
+            )
+            return (decoded, read, next_j, first_bad), (image, label, kind, reported)
+
+        zero = tf.constant(0, tf.int64)
+        counted = elements.scan((zero, zero, zero, tf.constant(-1, tf.int64)), _count)
+        return counted.filter(lambda image, label, kind, _: kind == _EXAMPLE).map(
+            lambda image, label, kind, _: (tf.ensure_shape(image, [*image_size, 3]), label)
         )
 
-    cycle = cycle_length or min(len(indices), max(4, usable_cpus()))
     ds = order.interleave(
         _read_shard,
         cycle_length=cycle,

@@ -1,7 +1,7 @@
 """The reader's view of a converted dataset: ``dataset_info.json`` in, a validated dict out.
 
 In: a dataset URI (``s3://bucket/prefix`` or a local path). Out: the manifest written by the
-convert job (DESIGN.md, "Data contract"), checked before any shard is fetched: the schema and
+convert job (README, "What it writes"), checked before any shard is fetched: the schema and
 types, the format version, shard names that are plain ``<split>-NNNNN-of-NNNNN.tfrecord``
 file names (so no entry can point outside the dataset or the local cache), sha256 digests,
 and counts that add up. ``dataset_info.json`` is the commit marker of a complete dataset: a
