@@ -195,7 +195,7 @@ def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
         else:
             classes = tops
     except botocore.exceptions.ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
+        code = s3.error_code(e)
         if code == "NoSuchBucket":
             raise UserError(f"bucket of {root} does not exist") from None
         raise UserError(str(s3_error(e, root))) from None
@@ -234,7 +234,7 @@ def _output_lease(output: str, config: S3Config) -> Iterator[OutputRun]:
     except OutputBusy as e:
         raise UserError(str(e)) from None
     except botocore.exceptions.ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
+        code = s3.error_code(e)
         raise UserError(f"cannot write to {output}: {code or e}") from None
     except botocore.exceptions.BotoCoreError as e:
         raise UserError(str(s3_error(e, output))) from None

@@ -106,7 +106,7 @@ def _ensure(name: str, stamp: str, build) -> Path:
 
 
 def _run(cmd: list[str], cwd: Path, what: str) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(
             f"{what} failed ({' '.join(cmd[:3])} …, exit {proc.returncode}):\n"

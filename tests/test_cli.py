@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", module, *args], check=False, cwd=ROOT, capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": ROOT}, timeout=120,
     )  # fmt: skip
 
@@ -53,8 +54,10 @@ def test_a_misspelt_option_exits_2_and_writes_nothing(tmp_path):
                 "--valdation_fraction", "0.3", "--append")  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "convert: error: unknown option --valdation_fraction (did you mean "
-        "--validation_fraction?); unknown option --append; see --help"
+        (
+            "convert: error: unknown option --valdation_fraction (did you mean "
+            "--validation_fraction?); unknown option --append; see --help"
+        )
     ]
     assert not out.exists()
 
@@ -97,7 +100,7 @@ def test_s3_setup_problems_are_one_line(tmp_path, env, flags, message):
     done = subprocess.run(
         [sys.executable, "-m", "beam_jobs.convert", "--input", "s3://bucket/in",
          "--output", str(tmp_path / "out"), *flags],
-        cwd=ROOT, capture_output=True, text=True, env=full, timeout=120,
+        check=False, cwd=ROOT, capture_output=True, text=True, env=full, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -159,14 +159,20 @@ def test_a_live_lease_is_respected_and_a_dead_one_taken_over(where, tmp_path, re
         assert not storage.exists(lock)
 
 
-def test_a_stalled_run_that_lost_its_lease_does_not_commit(tmp_path):
-    out = str(tmp_path / "out")
+def _stalled(out: str) -> tuple[Lease, commit.OutputRun]:
+    """A run holding ``out`` whose lease has expired, as if it stalled beyond it."""
     first = Lease(out)
     run = first.acquire()
-    # The first run stalls beyond its lease; a second takes the prefix over.
     holder = json.loads(storage.read_bytes(storage.join(out, commit.LOCK)))
     holder["expires"] = time.time() - 1
     storage.write_bytes(storage.join(out, commit.LOCK), json.dumps(holder).encode())
+    return first, run
+
+
+def test_a_stalled_run_that_lost_its_lease_does_not_commit(tmp_path):
+    out = str(tmp_path / "out")
+    # The first run stalls beyond its lease; a second takes the prefix over.
+    first, run = _stalled(out)
     second = Lease(out)
     second.acquire()
     with pytest.raises(LeaseLost, match="no longer holds the lease"):
@@ -210,11 +216,7 @@ def test_partial_s3_credentials_are_a_user_error(tmp_path):
 
 def test_a_run_that_lost_its_lease_writes_none_of_its_files(tmp_path):
     out = str(tmp_path / "out")
-    first = Lease(out)
-    run = first.acquire()
-    holder = json.loads(storage.read_bytes(storage.join(out, commit.LOCK)))
-    holder["expires"] = time.time() - 1
-    storage.write_bytes(storage.join(out, commit.LOCK), json.dumps(holder).encode())
+    first, run = _stalled(out)
     with Lease(out) as second:
         storage.write_bytes(second.uri("labels.txt"), b"theirs\n")
         with pytest.raises(LeaseLost):
@@ -232,7 +234,7 @@ def test_a_users_file_at_a_shard_name_is_never_replaced(tmp_path):
     (out / "train-00000-of-00001.tfrecord").write_bytes(b"the user's own")
     done = subprocess.run(
         [sys.executable, "-m", "beam_jobs.convert", "--input", str(src), "--output",
-         str(out), "--num_shards", "1"], cwd=ROOT, capture_output=True, text=True,
+         str(out), "--num_shards", "1"], check=False, cwd=ROOT, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
@@ -248,8 +250,8 @@ def test_a_users_file_at_a_shard_name_is_never_replaced(tmp_path):
 @pytest.mark.parametrize(
     "content",
     [b"garbage", b"[1, 2]", b'{"expires": "soon"}', b'{"expires": null}',
-     b'{"run_id": "x", "host": "h", "pid": 100000000000000000000, "pid_start": "",'
-     b' "started": 1e20, "renewed": 0, "expires": 1e20}'],
+     (b'{"run_id": "x", "host": "h", "pid": 100000000000000000000, "pid_start": "",'
+      b' "started": 1e20, "renewed": 0, "expires": 1e20}')],
     ids=["not-json", "a-list", "text-expiry", "null-expiry", "huge-numbers"],
 )  # fmt: skip
 def test_a_lease_file_this_tool_did_not_write_is_taken_over(tmp_path, content):

@@ -36,21 +36,13 @@ __all__ = ["worker_pool"]  # a fixture this module uses, imported from test_runn
 BUCKET = "engines"
 
 
-def _engine(name: str, tmp_path_factory):
-    with clusters.running(name, workdir=tmp_path_factory.mktemp(name)) as engine:
-        yield engine
-
-
-@pytest.fixture(scope="module")
-def flink(tmp_path_factory):
-    """A Flink session cluster and Beam's Flink job server on 127.0.0.1."""
-    yield from _engine("flink", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory):
-    """A Spark standalone cluster and Beam's Spark job server on 127.0.0.1."""
-    yield from _engine("spark", tmp_path_factory)
+@pytest.fixture(scope="module", params=["flink", "spark"])
+def engine(request, tmp_path_factory):
+    """A Flink session cluster or a Spark standalone cluster, with Beam's job server, on
+    127.0.0.1; one at a time (pytest runs every test of one engine, then the other's)."""
+    name = request.param
+    with clusters.running(name, workdir=tmp_path_factory.mktemp(name)) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -143,47 +135,24 @@ def _verify(engine, reference, damaged: bool) -> dict[str, int]:
 ENVIRONMENTS = ["LOOPBACK", "EXTERNAL"]
 
 
-# ---------------------------------------------------------------- Flink
+# Each test runs once per engine: its id ends in [flink] or [spark] (`-k flink`).
 
 
 @pytest.mark.parametrize("environment", ENVIRONMENTS)
-def test_convert_identical_on_flink(flink, environment, sample, reference, request):
-    _convert_matches_reference(flink, environment, sample, reference, request)
+def test_convert_identical_to_direct_runner(engine, environment, sample, reference, request):
+    _convert_matches_reference(engine, environment, sample, reference, request)
 
 
-def test_upload_on_flink(flink, s3_bucket, tmp_path):
-    _upload_is_complete(flink, s3_bucket, tmp_path)
+def test_upload(engine, s3_bucket, tmp_path):
+    _upload_is_complete(engine, s3_bucket, tmp_path)
 
 
-def test_analyze_on_flink(flink, reference):
-    _analyze_is_right(flink, reference)
+def test_analyze(engine, reference):
+    _analyze_is_right(engine, reference)
 
 
-def test_inspect_verify_on_flink(flink, reference):
-    good = _verify(flink, reference, damaged=False)
+def test_inspect_verify(engine, reference):
+    good = _verify(engine, reference, damaged=False)
     assert (good["shards_passed"], good.get("shards_failed", 0)) == (4, 0)
-    damaged = _verify(flink, reference, damaged=True)
-    assert (damaged["shards_passed"], damaged["shards_failed"]) == (3, 1)
-
-
-# ---------------------------------------------------------------- Spark
-
-
-@pytest.mark.parametrize("environment", ENVIRONMENTS)
-def test_convert_identical_on_spark(spark, environment, sample, reference, request):
-    _convert_matches_reference(spark, environment, sample, reference, request)
-
-
-def test_upload_on_spark(spark, s3_bucket, tmp_path):
-    _upload_is_complete(spark, s3_bucket, tmp_path)
-
-
-def test_analyze_on_spark(spark, reference):
-    _analyze_is_right(spark, reference)
-
-
-def test_inspect_verify_on_spark(spark, reference):
-    good = _verify(spark, reference, damaged=False)
-    assert (good["shards_passed"], good.get("shards_failed", 0)) == (4, 0)
-    damaged = _verify(spark, reference, damaged=True)
+    damaged = _verify(engine, reference, damaged=True)
     assert (damaged["shards_passed"], damaged["shards_failed"]) == (3, 1)

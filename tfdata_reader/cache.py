@@ -611,7 +611,7 @@ class ShardCache:
                 return problem
             return self._publish(fd, part, path, entry, uri)
         except botocore.exceptions.ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
+            code = s3.error_code(e)
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise DatasetError(
                     f"shard {uri} is listed in dataset_info.json but missing ({code}): "

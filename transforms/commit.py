@@ -103,10 +103,6 @@ class OutputRun:
         return self.uri(f"{RUNS}/{self.run_id}")
 
 
-def _code(error: Exception) -> str:
-    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
-
-
 def create_exclusive(uri: str, data: bytes, config: S3Config | None = None) -> str:
     """Writes ``data`` at ``uri`` only if nothing is there; complete or not at all.
 
@@ -123,7 +119,7 @@ def create_exclusive(uri: str, data: bytes, config: S3Config | None = None) -> s
                 Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"
             )
         except botocore.exceptions.ClientError as e:
-            if _code(e) in _CONFLICT_CODES:
+            if s3.error_code(e) in _CONFLICT_CODES:
                 raise FileExistsError(uri) from None
             raise
         return reply["ETag"]
@@ -154,7 +150,7 @@ def _read(uri: str, config: S3Config | None) -> tuple[bytes, str] | None:
         try:
             return s3.body_retries(_get)
         except botocore.exceptions.ClientError as e:
-            if _code(e) in ("NoSuchKey", "404", "NotFound"):
+            if s3.error_code(e) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise
     try:
@@ -184,7 +180,7 @@ def _replace_if(uri: str, data: bytes | None, etag: str, config: S3Config | None
             return ""
         reply = s3.client(config).put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag)
     except botocore.exceptions.ClientError as e:
-        if _code(e) in (*_CONFLICT_CODES, "NoSuchKey", "404"):
+        if s3.error_code(e) in (*_CONFLICT_CODES, "NoSuchKey", "404"):
             raise LeaseLost(f"{uri} changed under this run") from None
         raise
     return reply["ETag"]

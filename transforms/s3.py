@@ -31,6 +31,7 @@ __all__ = [
     "S3Object",
     "body_retries",
     "client",
+    "error_code",
     "get_bytes",
     "is_s3",
     "iter_objects",
@@ -205,6 +206,12 @@ def client(config: S3Config | None = None) -> Any:
         )
         _clients[cache_key] = built
     return _clients[cache_key]
+
+
+def error_code(error: Exception) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``404``, …);
+    ``""`` for anything else."""
+    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
 
 
 def is_s3(uri: str) -> bool:

@@ -141,10 +141,6 @@ def list_files(uri: str, config: S3Config | None = None) -> list[str]:
     return [name for name, size in list_level(uri, config) if size is not None and name]
 
 
-def _s3_error_code(error: Exception) -> str:
-    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
-
-
 def read_bytes(uri: str, config: S3Config | None = None) -> bytes:
     """Reads a whole file or object.
 
@@ -156,7 +152,7 @@ def read_bytes(uri: str, config: S3Config | None = None) -> bytes:
         try:
             return s3.get_bytes(*s3.parse(uri), config)
         except botocore.exceptions.ClientError as e:
-            code = _s3_error_code(e)
+            code = s3.error_code(e)
             if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
                 raise FileNotFoundError(f"{uri}: {code}") from None
             if code in ("AccessDenied", "403"):
@@ -178,7 +174,7 @@ def exists(uri: str, config: S3Config | None = None) -> bool:
             s3.client(config).head_object(Bucket=bucket, Key=key)
             return True
         except botocore.exceptions.ClientError as e:
-            if _s3_error_code(e) in ("404", "NoSuchKey", "NotFound"):
+            if s3.error_code(e) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
     return os.path.exists(_local(uri))
