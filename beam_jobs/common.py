@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from s3tfr.errors import JobFailed, UserError
 from transforms.host import usable_cpus
 from transforms.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
 
@@ -43,14 +44,6 @@ RUNNER_ALIASES = {
     "DaskRunner": DASK_RUNNER,
     "apache_beam.runners.dask.dask_runner.DaskRunner": DASK_RUNNER,
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input or setup: printed as one line, exit status 2."""
-
-
-class JobFailed(Exception):
-    """A job stopped for a reason its message explains: one line, exit status 1."""
 
 
 def failure_in(error: BaseException, kinds: tuple[type, ...]) -> JobFailed | None:

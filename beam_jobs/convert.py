@@ -270,12 +270,28 @@ def _options_record(opts: ConvertOptions) -> dict:
     return record
 
 
+# What stops a job (exit 1, one line) rather than a crash: see transforms/commit.py.
+_STOPPING_ERRORS = (AccountingError, ForeignFile, LeaseLost, ManifestConflict)
+
+
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     """Runs the convert job; returns the finished pipeline's result.
 
     Raises:
         UserError: for input, output or option problems found before the pipeline starts.
+        JobFailed: the job stopped before committing: another writer took the output,
+            a user's file is in a shard's way, or the images did not add up.
     """
+    try:
+        return _run(argv)
+    except Exception as e:
+        failure = failure_in(e, _STOPPING_ERRORS)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
     given = pipeline_options(argv)
     opts = given.view_as(ConvertOptions)
     # On S3, worker threads overlap one shard's network waits (its last GETs, its PUT)
@@ -392,18 +408,9 @@ def print_summary(output: str, result, config: S3Config | None = None) -> None:
 
 
 # Errors that stop a convert run with a message that says it all: no traceback.
-_STOPPING_ERRORS = (AccountingError, ForeignFile, LeaseLost, ManifestConflict)
-
-
 def main(argv: list[str] | None = None) -> None:
     def _job(args):
-        try:
-            result = run(args)
-        except Exception as e:
-            failure = failure_in(e, _STOPPING_ERRORS)
-            if failure is None:
-                raise
-            raise failure from None
+        result = run(args)
         opts = pipeline_options(args).view_as(ConvertOptions)
         print_summary(opts.output, result, s3_config(pipeline_options(args)))
 
