@@ -4,6 +4,7 @@ datasets written by the real convert job from generated images, local and on loc
 from __future__ import annotations
 
 import html.parser
+import itertools
 import json
 import os
 import pathlib
@@ -226,3 +227,39 @@ def test_verify_on_s3_gzip(tmp_path_factory, s3_bucket, capsys):
     code, output = _inspect([uri, "--verify"], capsys)
     assert code == 1
     assert _shard_lines(output)[victim].startswith(f"FAIL {victim}")
+
+
+@pytest.mark.parametrize("num_classes", [3, 40, 1000])
+def test_class_chart_names_stay_readable(num_classes):
+    """With many or long class names, no two names on an axis overlap, each stays inside
+    the figure, and the figure keeps a page's size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from transforms.report import AXIS_NAME_CHARS, class_chart
+
+    rng = np.random.default_rng(num_classes)
+    labels = [f"n{i:08d}_a_rather_long_wordnet_style_class_name_{i}" for i in range(num_classes)]
+    counts = {label: int(rng.integers(1, 1300)) for label in labels}
+    figure = class_chart("train", labels, counts)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    page = figure.bbox
+    width, height = figure.get_size_inches()
+    assert width <= 15 and height <= 11
+    named = 0
+    for axes in figure.axes:
+        names = [t for t in axes.get_yticklabels() if t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in names]
+        for box in boxes:
+            assert box.x0 >= page.x0 - 1 and box.y0 >= page.y0 - 1
+        for lower, upper in itertools.pairwise(sorted(boxes, key=lambda b: b.y0)):
+            assert upper.y0 >= lower.y1 - 0.5, "names on an axis overlap"
+        classes = [t.get_text() for t in names if not t.get_text().isdigit()]
+        for name in classes:
+            assert len(name) <= AXIS_NAME_CHARS and name.startswith("n")
+        named += len(classes)
+    assert named == (num_classes if num_classes <= 40 else 30)
+    plt.close(figure)

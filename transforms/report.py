@@ -73,7 +73,9 @@ def sample_examples(
                         "image": image,
                         "size": size,
                         "label": features["image/class/label"],
-                        "filename": features["image/filename"].decode("utf-8", "replace"),
+                        "filename": features["image/filename"].decode(
+                            "utf-8", "replace"
+                        ),
                         "split": split,
                     }
                 )
@@ -97,32 +99,84 @@ def _img(data: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _bar_chart(split: str, labels: list[str], counts: dict[str, int]) -> str:
+# Up to this many classes the chart has one named bar per class; beyond it, names stop
+# being readable at any size a page shows, so the chart is the sorted distribution and the
+# classes at both ends by name (every class is in the table above it).
+MAX_NAMED_CLASSES = 40
+# Classes named at each end of a larger distribution.
+EXTREME_CLASSES = 15
+# Longer class names are cut, with an ellipsis, on the axis (the table has them whole).
+AXIS_NAME_CHARS = 28
+
+
+def _axis_name(label: str) -> str:
+    return (
+        label if len(label) <= AXIS_NAME_CHARS else label[: AXIS_NAME_CHARS - 1] + "…"
+    )
+
+
+def _named_bars(axes, labels: list[str], values: list[int]) -> None:
+    """Horizontal bars, one named row per class, first class at the top."""
+    bars = axes.barh(range(len(labels)), values, color="#4878cf")
+    axes.bar_label(bars, fontsize=8, padding=2)
+    axes.set_yticks(
+        range(len(labels)), [_axis_name(label) for label in labels], fontsize=8
+    )
+    axes.set_ylim(len(labels) - 0.5, -0.5)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.margins(x=0.15)  # room for the count after the longest bar
+
+
+def class_chart(split: str, labels: list[str], counts: dict[str, int]):
+    """The class distribution of one split as a matplotlib figure (see
+    ``MAX_NAMED_CLASSES``)."""
     import matplotlib.pyplot as plt
 
     values = [counts.get(label, 0) for label in labels]
-    figure, axes = plt.subplots(figsize=(min(3 + 0.5 * len(labels), 14), 3.2))
-    bars = axes.bar(range(len(labels)), values, color="#4878cf")
-    axes.bar_label(bars, fontsize=8)
-    axes.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 8 else 0,
-                    ha="right" if len(labels) > 8 else "center")  # fmt: skip
-    axes.set_ylabel("examples")
-    axes.yaxis.get_major_locator().set_params(integer=True)
-    axes.margins(y=0.12)  # room for the count above the tallest bar
-    axes.set_title(f"{split}: {sum(values)} examples, {len(labels)} classes")
-    return _png(figure)
+    title = f"{split}: {sum(values)} examples, {len(labels)} classes"
+    if len(labels) <= MAX_NAMED_CLASSES:
+        figure, axes = plt.subplots(figsize=(7, 0.9 + 0.24 * max(len(labels), 1)))
+        _named_bars(axes, labels, values)
+        axes.set_xlabel("examples")
+        axes.set_title(title)
+        figure.tight_layout()
+        return figure
+    order = sorted(range(len(labels)), key=lambda i: (values[i], labels[i]))
+    figure, (spread, fewest, most) = plt.subplots(
+        1, 3, figsize=(15, 0.9 + 0.24 * EXTREME_CLASSES), width_ratios=(1.2, 1, 1)
+    )
+    spread.plot(
+        range(1, len(labels) + 1), sorted(values, reverse=True), color="#4878cf"
+    )
+    spread.set_xlabel("classes, most examples first")
+    spread.set_ylabel("examples")
+    spread.set_ylim(bottom=0)
+    spread.set_title("all classes")
+    _named_bars(fewest, [labels[i] for i in order[:EXTREME_CLASSES]],
+                [values[i] for i in order[:EXTREME_CLASSES]])  # fmt: skip
+    fewest.set_title(f"the {EXTREME_CLASSES} with fewest")
+    top = order[::-1][:EXTREME_CLASSES]
+    _named_bars(most, [labels[i] for i in top], [values[i] for i in top])
+    most.set_title(f"the {EXTREME_CLASSES} with most")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
 
 
 def _contact_sheet(label: str, examples: list[dict], columns: int = 4) -> str:
     import matplotlib.pyplot as plt
 
     rows = max(1, -(-len(examples) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False
+    )
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(examples):
             example = examples[i]
-            ax.imshow(example["image"], cmap="gray" if example["image"].mode == "L" else None)
+            ax.imshow(
+                example["image"], cmap="gray" if example["image"].mode == "L" else None
+            )
             ax.set_title(f"{label} ({example['label']})\n{os.path.basename(example['filename'])}",
                          fontsize=8)  # fmt: skip
     return _png(figure)
@@ -166,21 +220,29 @@ def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
         _table(
             ["label", "class", *splits],
             [
-                [i, label, *(splits[s].get("class_counts", {}).get(label, 0) for s in splits)]
+                [
+                    i,
+                    label,
+                    *(splits[s].get("class_counts", {}).get(label, 0) for s in splits),
+                ]
                 for i, label in enumerate(labels)
             ],
         )
     )
     for split, entry in splits.items():
-        chart = _bar_chart(split, labels, entry.get("class_counts", {}))
-        parts.append(f"<div class=chart>{_img(chart, f'class distribution of {split}')}</div>")
+        chart = _png(class_chart(split, labels, entry.get("class_counts", {})))
+        parts.append(
+            f"<div class=chart>{_img(chart, f'class distribution of {split}')}</div>"
+        )
     parts.append("<h2 id=samples>Examples per class</h2>")
     for index, label in enumerate(labels):
         examples = samples.get(label, [])
         if examples:
             sheet = _contact_sheet(label, examples)
             parts.append(f"<h3>label {index}: {html.escape(label)}</h3>")
-            parts.append(f"<div class=sheet>{_img(sheet, f'examples of {label}')}</div>")
+            parts.append(
+                f"<div class=sheet>{_img(sheet, f'examples of {label}')}</div>"
+            )
         else:
             parts.append(f"<p class=muted>label {index}: {html.escape(label)}: no examples "
                          "in the sampled shards</p>")  # fmt: skip
@@ -205,7 +267,9 @@ def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
     )
     parts.append(_table(["", "min", "mean", "max"], rows))
     if stats.get("source_formats"):
-        parts.append(_table(["source format", "images"], list(stats["source_formats"].items())))
+        parts.append(
+            _table(["source format", "images"], list(stats["source_formats"].items()))
+        )
     options = info.get("options", {})
     parts.append(f"<p>Resize option: {html.escape(str(options.get('resize', '?')))}; "
                  "stored sizes of the sampled images: "
