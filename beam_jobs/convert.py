@@ -294,6 +294,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
 def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
     given = pipeline_options(argv)
     opts = given.view_as(ConvertOptions)
+    _validate(opts)
     # On S3, worker threads overlap one shard's network waits (its last GETs, its PUT)
     # with another's work. On local paths the in-process runner is faster (measured: 7.1
     # against 9.0 s for 4,000 images): its one worker's thread pool already decodes on
@@ -301,7 +302,6 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
     # channel.
     on_s3 = s3.is_s3(opts.input) or s3.is_s3(opts.output)
     options = pipeline_options(argv, local_threads=True) if on_s3 else given
-    _validate(opts)
     config = s3_config(options)
     _check_input(opts.input, config, opts.split_from_dirs)
     _check_output(opts.output, opts.input)

@@ -152,7 +152,14 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                 )
             else:
                 parser.add_argument(f"--{field.name}", help="see Beam's S3Options")
-    opts, _beam_only = parser.parse_known_args(args)
+    opts, beam_only = parser.parse_known_args(args)
+    if beam_only:
+        # Runner options or a misspelling: only Beam's parser tells them apart (importing
+        # Beam, which a plain rerun with nothing to upload never needs).
+        from beam_jobs.common import _reject_unknown
+
+        _options_class()  # its flags are the suggestions for a misspelt one
+        _reject_unknown(beam_only)
     opts.dry_run = opts.dry_run.lower() in ("true", "1", "yes")
     return opts, args
 

@@ -106,3 +106,34 @@ def test_s3_setup_problems_are_one_line(tmp_path, env, flags, message):
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("convert: error: ") and message in lines[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_upload_refuses_a_misspelt_option_before_planning(tmp_path):
+    # Upload plans without Beam; an option it does not know is checked against Beam's
+    # before anything is listed or uploaded (the bucket here does not even exist).
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    done = _cli("beam_jobs.upload", "--source", str(tmp_path / "src"), "--output",
+                "s3://no-such-bucket/x/", "--concurency", "3")  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        (
+            "upload: error: unknown option --concurency (did you mean --concurrency?); "
+            "see --help"
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("beam_jobs.convert", ["--input", "/tmp"], "--input and --output are required"),
+        ("beam_jobs.analyze", [], "--dataset is required"),
+        ("beam_jobs.inspect", [], "which dataset?"),
+    ],
+)
+def test_a_missing_required_option_is_one_line(module, args, message):
+    done = _cli(module, *args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    (line,) = [ln for ln in done.stderr.splitlines() if "error" in ln]
+    assert message in line
