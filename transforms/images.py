@@ -529,14 +529,24 @@ def _convert(
             image = image.convert(mode)
 
     stage.enter("resize")
-    if resize.mode != "none" and image.size != (target_width, target_height):
+    if resize.mode == "crop":
+        # Only the source pixels under the centre crop are resampled, straight to the
+        # output size: the same filter positions as resizing the whole image to the
+        # target and cropping it, without computing the columns or rows cut away.
+        left = (target_width - resize.width) // 2
+        top = (target_height - resize.height) // 2
+        scale_x, scale_y = image.width / target_width, image.height / target_height
+        box = (left * scale_x, top * scale_y,
+               (left + resize.width) * scale_x, (top + resize.height) * scale_y)  # fmt: skip
+        if image.size != (resize.width, resize.height) or box[:2] != (0, 0):
+            image = image.resize(
+                (resize.width, resize.height), Image.Resampling.BILINEAR, box=box,
+                reducing_gap=None,
+            )  # fmt: skip
+    elif resize.mode != "none" and image.size != (target_width, target_height):
         image = image.resize(
             (target_width, target_height), Image.Resampling.BILINEAR, reducing_gap=None
         )
-    if resize.mode == "crop":
-        left = (image.width - resize.width) // 2
-        top = (image.height - resize.height) // 2
-        image = image.crop((left, top, left + resize.width, top + resize.height))
     if image.mode != target:
         image = image.convert(target)
 
