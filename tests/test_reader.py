@@ -27,10 +27,9 @@ from transforms.s3 import S3Config
 SIZE = (32, 32)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> str:
-    """One converted sample dataset (4 train shards), shared by the module's tests."""
-    root = tmp_path_factory.mktemp("reader")
+def convert_sample(root) -> str:
+    """Converts the sample tree (8 images a class) under ``root``: 4 train shards of
+    17 records in all, 4 validation shards of 7."""
     src, out = str(root / "src"), str(root / "out")
     sample_data.write_sample_tree(src, per_class=8)
     convert.run(
@@ -48,6 +47,12 @@ def converted(tmp_path_factory) -> str:
         ]
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> str:
+    """One converted sample dataset, shared by the module's tests."""
+    return convert_sample(tmp_path_factory.mktemp("reader"))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ Pipeline (one epoch per iteration; Keras ``fit(epochs=N)`` iterates it again, re
             skipped, counted and logged with its shard)
          -> records read counted against the manifest at the shard's end: any difference
             is an error naming the shard
+    -> assert the record count the manifest gives this worker (not with skip_bad_records)
     -> shuffle buffer -> batch -> normalise, one-hot -> prefetch (AUTOTUNE)
 
 Only shards listed in ``dataset_info.json`` are read. Every stage is a tf.data stage, so the
@@ -318,7 +319,11 @@ def make_dataset(
 
     Returns:
         A ``tf.data.Dataset`` of ``(images, labels)``: images ``(batch, h, w, 3)``, labels
-        ``(batch,)`` int64 or ``(batch, num_classes)`` float32.
+        ``(batch,)`` int64 or ``(batch, num_classes)`` float32. Its ``cardinality()`` is
+        the number of batches this worker yields per iteration, from the manifest's
+        record counts (so Keras knows the steps per epoch); unknown with
+        ``skip_bad_records``, since the records to skip are not known ahead. Its
+        ``class_names`` attribute is the manifest's labels in label order.
 
     Raises:
         DatasetError: no or invalid ``dataset_info.json``, unknown split, a listed shard
@@ -492,6 +497,13 @@ def make_dataset(
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
+    if not skip_bad_records:
+        # Exact, so Keras knows the steps per epoch: every shard's records are counted
+        # against the manifest at its end, and any difference fails the iteration there,
+        # so this worker yields exactly this many records or raises first. Skipped
+        # records cannot be known ahead: then the cardinality stays unknown.
+        records = sum(expected[i] for i in indices)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(records))
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
@@ -509,4 +521,8 @@ def make_dataset(
     # The py_function stages hold no iterator state (a path is a function of the shard
     # index), so saving the iterator without them resumes exactly.
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-    return ds.with_options(options)
+    ds = ds.with_options(options)
+    # As tf.keras.utils.image_dataset_from_directory sets it (a transformed dataset, such
+    # as ds.map(...), does not carry it over).
+    ds.class_names = list(info["labels"])
+    return ds

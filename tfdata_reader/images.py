@@ -75,7 +75,9 @@ def make_dataset_from_images(
         config: S3 client settings.
 
     Returns:
-        ``(images, labels)`` batches.
+        ``(images, labels)`` batches, with a ``class_names`` attribute: the class folder
+        names in label order. Its ``cardinality()`` is unknown: which files decode is
+        only known once they are read.
     """
     ops.check_options(resize, normalize, dtype)
     keys, labels, classes = list_images(uri, config)
@@ -124,6 +126,7 @@ def make_dataset_from_images(
             label = tf.one_hot(label, len(classes), dtype=tf.float32)
         return images, label
 
-    return ds.map(_finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE
-    )
+    ds = ds.map(_finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    # As tf.keras.utils.image_dataset_from_directory sets it.
+    ds.class_names = list(classes)
+    return ds
