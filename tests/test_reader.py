@@ -5,13 +5,20 @@ from __future__ import annotations
 import collections
 import copy
 import hashlib
+import http.server
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+import types
 
+import botocore.endpoint
+import botocore.exceptions
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -447,3 +454,80 @@ def test_reader_imports_no_beam():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_endpoint_fails_fast_in_one_line():
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    config = S3Config(
+        s3_endpoint_url=endpoint, s3_access_key_id="a", s3_secret_access_key="b"
+    )
+    assert config.max_attempts == s3.DEFAULT_MAX_ATTEMPTS
+    start = time.monotonic()
+    with pytest.raises(DatasetError) as raised:
+        make_dataset("s3://bucket/ds", config=config)
+    elapsed = time.monotonic() - start
+    message = str(raised.value)
+    assert message.startswith(f"cannot reach {endpoint} to read s3://bucket/ds/")
+    assert "\n" not in message and raised.value.__suppress_context__
+    # 3 refused connections, under 0.2 s of backoff between them (with 10 attempts,
+    # each request made 5 times over, this took about a minute).
+    assert elapsed < 5, elapsed
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers every HEAD with the server's ``status`` and closes the connection."""
+
+    def do_HEAD(self):
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_connection_errors_get_every_attempt_once_the_endpoint_answered(monkeypatch):
+    monkeypatch.setattr(
+        botocore.endpoint, "time", types.SimpleNamespace(sleep=lambda _: None)
+    )
+    keys = {"s3_access_key_id": "a", "s3_secret_access_key": "b", "max_attempts": 6}
+
+    def attempts(config, error):
+        client = s3.client(config)
+        sent = []
+
+        def count(**_):
+            sent.append(1)
+
+        client.meta.events.register("before-send.s3", count)
+        try:
+            with pytest.raises(error):
+                client.head_object(Bucket="b", Key="k")
+        finally:
+            client.meta.events.unregister("before-send.s3", count)
+        return len(sent)
+
+    closed = S3Config(s3_endpoint_url=f"http://127.0.0.1:{_closed_port()}", **keys)
+    refused = botocore.exceptions.EndpointConnectionError
+    assert attempts(closed, refused) == s3.FIRST_CONTACT_ATTEMPTS
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    config = S3Config(s3_endpoint_url=f"http://127.0.0.1:{port}", **keys)
+    try:
+        server.status = 503  # throttling and 5xx errors: every attempt
+        assert attempts(config, botocore.exceptions.ClientError) == 6
+        server.status = 404
+        assert attempts(config, botocore.exceptions.ClientError) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The endpoint answered before: a refused connection now is a blip, tried as often.
+    assert attempts(config, refused) == 6

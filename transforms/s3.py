@@ -46,6 +46,12 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 10
 # A body cut mid-stream is outside botocore's retry loop (DESIGN.md, "Known traps").
 BODY_RETRIES = 5
+# Until an endpoint has answered once, a connection to it that is refused or times out is
+# tried this many times, not max_attempts: it is most likely the wrong endpoint or down,
+# and the user should hear so in seconds. Once it has answered, connection errors get
+# max_attempts like throttling and 5xx errors (a blip in a long job).
+FIRST_CONTACT_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 3
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 
@@ -54,8 +60,14 @@ _TRANSIENT_BODY_ERRORS = (
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.ReadTimeoutError,
     botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.EndpointConnectionError,
     ConnectionError,
+)
+# No connection at all (botocore retries these itself; nothing was cut).
+_CONNECT_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ProxyConnectionError,
+    botocore.exceptions.SSLError,
 )
 
 
@@ -142,6 +154,35 @@ def _parse_timestamp(value: Any) -> Any:
     return botocore.utils.parse_timestamp(value)
 
 
+class _FirstContact:
+    """A ``needs-retry`` handler: connection errors end the request after
+    ``FIRST_CONTACT_ATTEMPTS`` until the endpoint has answered once.
+
+    botocore's retry config has one attempt count for every retryable error; raising the
+    caught error from this event ends the request with it, as running out of attempts
+    does, and leaves every other error to botocore's standard mode.
+    """
+
+    def __init__(self) -> None:
+        self.reached = False
+
+    def __call__(
+        self,
+        attempts: int,
+        response: Any = None,
+        caught_exception: Any = None,
+        **_: Any,
+    ) -> None:
+        if response is not None:
+            self.reached = True
+        elif (
+            not self.reached
+            and isinstance(caught_exception, _CONNECT_ERRORS)
+            and attempts >= FIRST_CONTACT_ATTEMPTS
+        ):
+            raise caught_exception
+
+
 # A client is rebuilt when any of these change (tests and the demo re-point the endpoint).
 _CHAIN_VARIABLES = (
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
@@ -190,7 +231,7 @@ def client(config: S3Config | None = None) -> Any:
                 # attempts, as --max_attempts and AWS_MAX_ATTEMPTS do.
                 retries={"mode": "standard", "total_max_attempts": config.max_attempts},
                 max_pool_connections=config.max_pool_connections,
-                connect_timeout=10,
+                connect_timeout=CONNECT_TIMEOUT_S,
                 read_timeout=60,
                 # Some S3-compatible servers reject boto3's newer default checksums.
                 request_checksum_calculation="when_required",
@@ -204,6 +245,7 @@ def client(config: S3Config | None = None) -> Any:
         built.meta.events.register_last(
             "before-call.s3", _expect_continue_only_for_large_bodies
         )
+        built.meta.events.register_first("needs-retry.s3", _FirstContact())
         _clients[cache_key] = built
     return _clients[cache_key]
 
