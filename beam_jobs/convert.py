@@ -1,6 +1,6 @@
 """The convert job: an S3 prefix (or local folder) of ``<class>/<file>`` images in;
-deterministic sharded TFRecords, ``labels.txt``, ``rejected.jsonl`` and, last,
-``dataset_info.json`` out (README, "What it writes").
+deterministic sharded TFRecords, ``labels.txt``, ``rejected.jsonl``, TensorFlow Datasets'
+metadata and, last, ``s3tfr_manifest.json`` out (README, "What it writes").
 
     python -m beam_jobs.convert --input s3://bucket/images/ --output s3://bucket/tfrecords/
 
@@ -52,8 +52,8 @@ from transforms.tfrecords import WriteShards
 
 DESCRIPTION = """\
 Convert a folder of images laid out <class>/<file> (an s3:// prefix or a local
-directory) into sharded TFRecord files with labels.txt, rejected.jsonl and, last,
-dataset_info.json.
+directory) into sharded TFRecord files with labels.txt, rejected.jsonl, TensorFlow
+Datasets' metadata and, last, s3tfr_manifest.json.
 
 example:
   s3tfr-convert --input s3://bucket/images/ --output s3://bucket/tfrecords/ \\
@@ -259,7 +259,7 @@ def _read_labels(uri: str, config: S3Config) -> list[str]:
 
 
 def _options_record(opts: ConvertOptions) -> dict:
-    """The conversion options as written to dataset_info.json (no runner, no secrets)."""
+    """The conversion options as written to the manifest (no runner, no secrets)."""
     names = (
         "validation_fraction", "split_from_dirs", "split_salt", "resize", "channels",
         "image_format", "jpeg_quality", "max_pixels", "shard_size_mb", "num_shards",

@@ -6,7 +6,7 @@ summary out, plus an HTML report (``--report DIR``) and a shard-by-shard integri
 
 It reads only the manifest, ``rejected.jsonl`` and the shards, never the source images, and
 writes nothing under OUT. Exit status: 0 when all is well, 1 when ``--verify`` finds a
-mismatch, 2 for a dataset that cannot be read (no or invalid ``dataset_info.json``).
+mismatch, 2 for a dataset that cannot be read (no or invalid ``s3tfr_manifest.json``).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from beam_jobs.sample_data import write_photo_tree
 from bench.convert import first_images, photo_tree, run_job
+from tfdata_reader.manifest import MANIFEST
 
 
 def _children_cpu() -> float:
@@ -48,7 +49,7 @@ def measure(args: list[str], module: str) -> tuple[float, float, int]:
 
 
 def _train_images(dataset: str) -> int:
-    with open(os.path.join(dataset, "dataset_info.json")) as f:
+    with open(os.path.join(dataset, MANIFEST)) as f:
         return json.load(f)["splits"]["train"]["examples"]
 
 

@@ -235,7 +235,7 @@ def test_local_analyze_and_reader_normalizes(local_dataset):
 def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="--dataset is required"):
         analyze.run([])
-    with pytest.raises(UserError, match="no dataset_info.json"):
+    with pytest.raises(UserError, match="no s3tfr_manifest.json"):
         analyze.run(["--dataset", str(tmp_path)])
     # In a fresh interpreter: a user's mistake is answered before TensorFlow's import.
     script = (

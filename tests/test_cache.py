@@ -23,6 +23,7 @@ from beam_jobs import convert, sample_data
 from beam_jobs import inspect as inspect_job
 from beam_jobs.local_s3 import put_tree
 from tfdata_reader import DatasetError, ReaderStats, ShardCache, load_info, make_dataset
+from tfdata_reader.manifest import MANIFEST
 from transforms import s3
 from transforms.s3 import S3Config
 
@@ -91,7 +92,7 @@ def dataset(tmp_path_factory) -> str:
 
 
 def _write_info(root: str, info: dict) -> None:
-    with open(os.path.join(root, "dataset_info.json"), "w") as f:
+    with open(os.path.join(root, MANIFEST), "w") as f:
         json.dump(info, f)
 
 
@@ -212,7 +213,7 @@ def test_a_reader_that_fails_names_the_shard_and_exits(dataset, s3_bucket, tmp_p
         tmp_path, f"s3://{s3_bucket}/ds", 10**9, [1], 1, 60
     )
     assert status == 1
-    assert f"{entry['file']} does not match dataset_info.json after 3 tries (sha256" in text
+    assert f"{entry['file']} does not match s3tfr_manifest.json after 3 tries (sha256" in text
 
 
 def _flip(path: str) -> None:
@@ -303,7 +304,7 @@ def test_inconsistent_manifests_are_errors(dataset, tmp_path):
     info["splits"]["train"]["examples"] += 1
     _write_info(copy, info)
     with pytest.raises(tf.errors.OpError, match="00003-of-00060.tfrecord holds 1 records but "
-                       "dataset_info.json lists 2"):  # fmt: skip
+                       "s3tfr_manifest.json lists 2"):  # fmt: skip
         _within(60, lambda: _read(copy, skip_bad_records=True))
 
 

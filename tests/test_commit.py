@@ -21,7 +21,7 @@ from beam_jobs import convert
 from beam_jobs.common import UserError
 from beam_jobs.local_s3 import put_tree
 from beam_jobs.sample_data import write_sample_tree
-from tfdata_reader.manifest import load_info
+from tfdata_reader.manifest import MANIFEST, load_info
 from transforms import commit, s3, storage
 from transforms.commit import Lease, LeaseLost, OutputBusy
 
@@ -47,7 +47,7 @@ def _put_foreign(out: str) -> None:
 def _assert_not_wrong_complete(out: str) -> None:
     """A manifest, if there is one, names exactly the shards that are there."""
     files = _files(out)
-    if "dataset_info.json" not in files:
+    if MANIFEST not in files:
         return
     info = load_info(out)
     counts = info["counts"]
@@ -177,7 +177,7 @@ def test_a_stalled_run_that_lost_its_lease_does_not_commit(tmp_path):
     second.acquire()
     with pytest.raises(LeaseLost, match="no longer holds the lease"):
         commit.finish(run, set(), {}, b"{}")
-    assert not os.path.exists(os.path.join(out, "dataset_info.json"))
+    assert not os.path.exists(os.path.join(out, MANIFEST))
     second.release()
     first.release()  # must not delete the second run's lease (already released here)
 
@@ -185,10 +185,10 @@ def test_a_stalled_run_that_lost_its_lease_does_not_commit(tmp_path):
 def test_a_manifest_committed_by_another_writer_is_never_overwritten(s3_bucket):
     out = f"s3://{s3_bucket}/out/"
     with Lease(out) as run:
-        s3.put_bytes(s3_bucket, "out/dataset_info.json", b'{"theirs": 1}')
+        s3.put_bytes(s3_bucket, f"out/{MANIFEST}", b'{"theirs": 1}')
         with pytest.raises(FileExistsError, match="another run committed"):
             commit.finish(run, set(), {}, b'{"ours": 1}')
-    assert s3.get_bytes(s3_bucket, "out/dataset_info.json") == b'{"theirs": 1}'
+    assert s3.get_bytes(s3_bucket, f"out/{MANIFEST}") == b'{"theirs": 1}'
 
 
 def test_an_interrupted_runs_shards_are_removed_by_the_next_run(tmp_path):
@@ -244,7 +244,7 @@ def test_a_users_file_at_a_shard_name_is_never_replaced(tmp_path):
         "it, or choose another --output or --num_shards"
     )
     assert (out / "train-00000-of-00001.tfrecord").read_bytes() == b"the user's own"
-    assert not (out / "dataset_info.json").exists()
+    assert not (out / MANIFEST).exists()
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,10 @@ from transforms import storage
 from transforms.commit import Lease, mark_written
 from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
-from transforms.manifest import AccountingError, commit_dataset
+from transforms.manifest import MANIFEST, AccountingError, commit_dataset
 from transforms.records import ImageRef, Rejection, ShardItem, key_hash
 from transforms.sharding import AssignShards, num_shards
+from transforms.tfds_metadata import TFDS_FILES
 from transforms.tfrecords import WriteShards
 
 # file -> rejection code, for the odd files _odd_tree adds to a sample tree
@@ -204,7 +205,7 @@ def _shard(split, file, examples, label="a"):
 def test_commit_renumbers_around_an_empty_shard_and_removes_only_owned(tmp_path):
     # The committed dataset owned train-00000-of-00009; the user's own shard-named file
     # and notes are not the dataset's and stay.
-    (tmp_path / "dataset_info.json").write_text(json.dumps(
+    (tmp_path / MANIFEST).write_text(json.dumps(
         {"splits": {"train": {"shards": [{"file": "train-00000-of-00009.tfrecord"}]}}}
     ))  # fmt: skip
     for name in ("train-00000-of-00009.tfrecord", "test-00000-of-00001.tfrecord"):
@@ -223,7 +224,8 @@ def test_commit_renumbers_around_an_empty_shard_and_removes_only_owned(tmp_path)
                 (tmp_path / shard["file"]).write_bytes(b"abc")
         info = commit_dataset(run, shards, rejected, ["a"], 4, {})
     assert sorted(os.listdir(tmp_path)) == [
-        "dataset_info.json", "labels.txt", "notes.txt", "rejected.jsonl",
+        "dataset_info.json", "features.json", "image-class-label.labels.txt",
+        "labels.txt", "notes.txt", "rejected.jsonl", MANIFEST,
         "test-00000-of-00001.tfrecord",
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
     ]  # fmt: skip
@@ -236,7 +238,7 @@ def test_commit_renumbers_around_an_empty_shard_and_removes_only_owned(tmp_path)
 def test_commit_refuses_when_an_input_is_unaccounted(tmp_path):
     with Lease(str(tmp_path)) as run, pytest.raises(AccountingError, match="listed 5"):
         commit_dataset(run, [_shard("train", "t.tfrecord", 3)], [], ["a"], 5, {})
-    assert not (tmp_path / "dataset_info.json").exists()
+    assert not (tmp_path / MANIFEST).exists()
 
 
 # ---------------------------------------------------------------- whole job
@@ -250,7 +252,7 @@ def test_convert_on_local_s3_end_to_end(s3_bucket, tmp_path):
     args = ["--input", f"s3://{s3_bucket}/images/", "--output", out, "--num_shards", "2",
             "--validation_fraction", "0.25"]  # fmt: skip
     result = convert.run(args)
-    info = _read_json(out + "dataset_info.json")
+    info = _read_json(out + MANIFEST)
     labels = storage.read_bytes(out + "labels.txt").decode().splitlines()
     assert labels == ["bird", "cat", "dog"] == info["labels"]
 
@@ -313,7 +315,7 @@ def test_class_indices_match_keras_image_dataset_from_directory(tmp_path):
     }
     out = tmp_path / "out"
     convert.run(["--input", str(tmp_path / "src"), "--output", str(out)])
-    info = _read_json(str(out / "dataset_info.json"))
+    info = _read_json(str(out / MANIFEST))
     assert info["labels"] == keras_ds.class_names
     ours = {}
     for split in info["splits"].values():
@@ -356,8 +358,10 @@ def test_split_from_dirs_labels_file_and_gzip(tmp_path):
     out = tmp_path / "out"
     convert.run(["--input", str(tmp_path / "src"), "--output", str(out), "--split_from_dirs",
                  "--labels_file", str(labels_file), "--compression", "gzip"])  # fmt: skip
-    info = _read_json(str(out / "dataset_info.json"))
+    info = _read_json(str(out / MANIFEST))
     assert info["labels"] == ["b"] and info["compression"] == "GZIP"
+    # TensorFlow Datasets cannot read gzip shards: no TFDS metadata claims it can.
+    assert not any((out / name).exists() for name in TFDS_FILES)
     assert {k: v["examples"] for k, v in info["splits"].items()} == {"train": 4, "test": 2}
     assert info["counts"]["rejected_by_code"] == {"unknown_class": 6}
     shard = out / info["splits"]["test"]["shards"][0]["file"]

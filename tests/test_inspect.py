@@ -17,6 +17,7 @@ from PIL import Image
 
 from beam_jobs import convert, inspect, sample_data
 from beam_jobs.local_s3 import put_tree
+from tfdata_reader.manifest import MANIFEST
 
 CLASSES = ("ant", "bee", "wasp")
 PER_CLASS = 6
@@ -44,7 +45,7 @@ def copy(dataset, tmp_path) -> str:
 
 
 def _info(root: str) -> dict:
-    with open(os.path.join(root, "dataset_info.json")) as f:
+    with open(os.path.join(root, MANIFEST)) as f:
         return json.load(f)
 
 
@@ -101,7 +102,7 @@ def test_summary_notes_unlisted_shards(copy, capsys):
 def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
     code, output = _inspect([str(tmp_path)], capsys)
     assert code == 2
-    assert "no dataset_info.json" in output and "convert job did not finish" in output
+    assert "no s3tfr_manifest.json" in output and "convert job did not finish" in output
 
 
 class _Page(html.parser.HTMLParser):
@@ -200,7 +201,7 @@ def test_verify_fails_naming_the_damaged_shard(copy, capsys, damage, expected):
 
 
 def test_verify_fails_when_class_counts_differ(copy, capsys):
-    path = os.path.join(copy, "dataset_info.json")
+    path = os.path.join(copy, MANIFEST)
     info = _info(copy)
     counts = info["splits"]["train"]["class_counts"]
     counts[CLASSES[0]] += 1

@@ -17,7 +17,7 @@ from beam_jobs import sample_data
 from beam_jobs.local_s3 import put_tree
 from tests.test_reader import _with_bad_record, convert_sample
 from tfdata_reader import load_info, make_dataset, make_dataset_from_images
-from tfdata_reader.manifest import DATASET_INFO
+from tfdata_reader.manifest import MANIFEST
 
 SIZE = (16, 16)
 READER_DOC = os.path.join(
@@ -94,11 +94,11 @@ def test_a_manifest_that_overcounts_fails_naming_the_shard(converted, tmp_path):
     # iteration fails at that shard with the reader's message rather than ending short.
     out = str(tmp_path / "over")
     shutil.copytree(converted, out)
-    with open(os.path.join(out, DATASET_INFO)) as f:
+    with open(os.path.join(out, MANIFEST)) as f:
         info = json.load(f)
     info["splits"]["train"]["shards"][0]["examples"] += 1
     info["splits"]["train"]["examples"] += 1
-    with open(os.path.join(out, DATASET_INFO), "w") as f:
+    with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump(info, f)
     ds = _dataset(out, batch_size=1, training=False)
     assert int(ds.cardinality()) == info["splits"]["train"]["examples"]

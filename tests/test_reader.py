@@ -28,6 +28,7 @@ from beam_jobs import convert, sample_data
 from beam_jobs.local_s3 import put_tree
 from tfdata_reader import DatasetError, ShardCache, load_info, make_dataset, ops
 from tfdata_reader.dataset import ReaderStats
+from tfdata_reader.manifest import MANIFEST
 from transforms import s3
 from transforms.s3 import S3Config
 
@@ -117,9 +118,9 @@ def test_load_info_validates_manifest(converted):
 
 def test_incomplete_dataset_is_refused(converted, s3_bucket):
     put_tree(converted, s3_bucket, "ds/")
-    s3.client().delete_object(Bucket=s3_bucket, Key="ds/dataset_info.json")
+    s3.client().delete_object(Bucket=s3_bucket, Key=f"ds/{MANIFEST}")
     with pytest.raises(
-        DatasetError, match="no dataset_info.json under s3://.*convert job"
+        DatasetError, match="no s3tfr_manifest.json under s3://.*convert job"
     ):
         make_dataset(f"s3://{s3_bucket}/ds")
     with pytest.raises(DatasetError, match="no split 'test'"):
@@ -327,7 +328,7 @@ def _with_bad_record(converted, tmp_path) -> tuple[str, str]:
         examples=len(records), bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
     )
     info["splits"]["train"]["examples"] += 1
-    with open(os.path.join(out, "dataset_info.json"), "w") as f:
+    with open(os.path.join(out, MANIFEST), "w") as f:
         json.dump(info, f)
     return out, path
 

@@ -46,6 +46,7 @@ from beam_jobs.s3proxy import FAULTS, S3Proxy
 from beam_jobs.sample_data import encode, photo_like, write_sample_tree
 from tests.test_upload import _main as _run_upload
 from tfdata_reader import DatasetError, ShardCache, make_dataset
+from tfdata_reader.manifest import MANIFEST
 from transforms import s3, storage
 from transforms.s3 import S3Config
 from transforms.verify import iter_records
@@ -129,7 +130,7 @@ def _accounted(info: dict) -> dict:
 
 def _info(uri: str) -> dict:
     return _accounted(
-        json.loads(storage.read_bytes(storage.join(uri, "dataset_info.json")))
+        json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
     )
 
 
@@ -259,7 +260,7 @@ def test_convert_under_faults(bucket, reference, s3_proxy, kind, rate):
         assert re.search(r"SlowDown|InternalError|reset|Connection|Read", str(e)), str(
             e
         )
-        assert not storage.exists(f"s3://{bucket}/{out}dataset_info.json")
+        assert not storage.exists(f"s3://{bucket}/{out}{MANIFEST}")
         outcome = "clear error, rerun identical"
         convert.run(_convert_args(bucket, out))
     got = _objects(bucket, out)
@@ -468,7 +469,7 @@ def _kill_points(bucket: str, out: str) -> dict:
         # the second shard's upload: the first shard is complete at its final name
         "after-shards": _nth(2, lambda m, p: m == "PUT" and bool(shard_put.search(p))),
         "before-manifest": lambda m, p: (
-            m == "PUT" and p.endswith(f"/{out}dataset_info.json")
+            m == "PUT" and p.endswith(f"/{out}{MANIFEST}")
         ),
     }
 
@@ -500,7 +501,7 @@ def test_convert_killed_never_looks_complete_and_rerun_is_identical(
     left = {name: data for name, data in left.items() if name not in state}
     shards = [name for name in left if SHARD_RE.fullmatch(name)]
     assert all(any(m.endswith(f"/written/{name}") for m in state) for name in shards)
-    assert "dataset_info.json" not in left
+    assert MANIFEST not in left
     # A shard is visible only complete, at its final name, with its final bytes.
     assert all(left[name] == reference[name] for name in shards)
     if point == "listing":
@@ -510,7 +511,7 @@ def test_convert_killed_never_looks_complete_and_rerun_is_identical(
     elif point == "before-manifest":
         assert set(shards) == {n for n in reference if SHARD_RE.fullmatch(n)}
         assert left["labels.txt"] == reference["labels.txt"]
-    with pytest.raises(DatasetError, match="no dataset_info.json under .*rerun"):
+    with pytest.raises(DatasetError, match="no s3tfr_manifest.json under .*rerun"):
         make_dataset(uri, "train", config=None)
 
     convert.run(_convert_args(bucket, out))
@@ -768,20 +769,20 @@ BAD_MANIFEST_ENTRIES = {
 def test_manifest_is_validated_before_any_fetch(
     s3_server, bucket, reference, tmp_path, case
 ):
-    info = json.loads(reference["dataset_info.json"])
+    info = json.loads(reference[MANIFEST])
     info["splits"]["train"]["shards"][0].update(BAD_MANIFEST_ENTRIES[case])
     prefix = f"bad-{case}/"
     for name, data in reference.items():
         s3.put_bytes(bucket, prefix + name, data)
-    s3.put_bytes(bucket, prefix + "dataset_info.json", json.dumps(info).encode())
+    s3.put_bytes(bucket, prefix + MANIFEST, json.dumps(info).encode())
     with S3Proxy(s3_server.endpoint, record=True) as proxy:
         config = S3Config(s3_endpoint_url=proxy.endpoint)
-        with pytest.raises(DatasetError, match="invalid dataset_info.json"):
+        with pytest.raises(DatasetError, match="invalid s3tfr_manifest.json"):
             make_dataset(
                 f"s3://{bucket}/{prefix}", cache_dir=str(tmp_path / "c"), config=config
             )
     assert [(m, p) for m, p, _ in proxy.forwarded] == [
-        ("GET", f"/{bucket}/{prefix}dataset_info.json")
+        ("GET", f"/{bucket}/{prefix}{MANIFEST}")
     ]
     assert not list(tmp_path.rglob("*evil*"))
     assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())

@@ -27,6 +27,7 @@ from beam_jobs.common import counters, pipeline_options
 from beam_jobs.local_s3 import free_port, put_tree
 from beam_jobs.sample_data import write_sample_tree
 from tests.test_analyze import _check_statistics
+from tfdata_reader.manifest import MANIFEST
 from transforms import s3, storage
 from transforms.host import usable_cpus
 from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
@@ -270,7 +271,7 @@ def test_local_threads_follow_the_cpu_affinity():
 
 def test_convert_reference_on_direct_in_memory(reference):
     files, counts = reference
-    info = json.loads(files["dataset_info.json"])
+    info = json.loads(files[MANIFEST])
     assert info["counts"]["listed"] == 3 * PER_CLASS + 1
     assert info["counts"]["rejected_by_code"] == {"truncated": 1}
     assert sorted(n for n in files if n.endswith(".tfrecord")) == [

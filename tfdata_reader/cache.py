@@ -58,7 +58,7 @@ import botocore.exceptions
 import s3transfer.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from tfdata_reader.manifest import DatasetError, s3_error
+from tfdata_reader.manifest import MANIFEST, DatasetError, s3_error
 from transforms import s3
 from transforms.s3 import S3Config
 
@@ -498,7 +498,7 @@ class ShardCache:
                     problems.append(state)
         seen = "; ".join(dict.fromkeys(problems)) or "other processes kept replacing it"
         raise DatasetError(
-            f"shard {uri} does not match dataset_info.json after {self.attempts} tries "
+            f"shard {uri} does not match {MANIFEST} after {self.attempts} tries "
             f"({seen}): it was modified or damaged after conversion; rerun the convert job"
         )
 
@@ -614,7 +614,7 @@ class ShardCache:
             code = s3.error_code(e)
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise DatasetError(
-                    f"shard {uri} is listed in dataset_info.json but missing ({code}): "
+                    f"shard {uri} is listed in {MANIFEST} but missing ({code}): "
                     "the dataset was modified after conversion; rerun the convert job"
                 ) from None
             raise s3_error(e, uri) from None
@@ -677,14 +677,14 @@ class ShardCache:
             st = os.stat(path)
         except FileNotFoundError:
             raise DatasetError(
-                f"shard {path} is listed in dataset_info.json but missing: the dataset was "
+                f"shard {path} is listed in {MANIFEST} but missing: the dataset was "
                 "modified after conversion; rerun the convert job"
             ) from None
         key = (path, st.st_size, st.st_mtime_ns)
         if key not in self._verified_local:
             if problem := _check(path, entry, self.verify):
                 raise DatasetError(
-                    f"shard {path} does not match dataset_info.json ({problem}): it was "
+                    f"shard {path} does not match {MANIFEST} ({problem}): it was "
                     "modified or damaged after conversion; rerun the convert job"
                 )
             self._verified_local.add(key)

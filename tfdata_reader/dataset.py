@@ -16,7 +16,7 @@ Pipeline (one epoch per iteration; Keras ``fit(epochs=N)`` iterates it again, re
     -> assert the record count the manifest gives this worker (not with skip_bad_records)
     -> shuffle buffer -> batch -> normalise, one-hot -> prefetch (AUTOTUNE)
 
-Only shards listed in ``dataset_info.json`` are read. Every stage is a tf.data stage, so the
+Only shards listed in ``s3tfr_manifest.json`` are read. Every stage is a tf.data stage, so the
 iterator can be saved with ``tf.train.Checkpoint`` and resumed mid-epoch.
 """
 
@@ -42,7 +42,13 @@ import tensorflow as tf
 
 from tfdata_reader import ops, transform
 from tfdata_reader.cache import ShardCache
-from tfdata_reader.manifest import DatasetError, load_info, s3_error, shard_uris
+from tfdata_reader.manifest import (
+    MANIFEST,
+    DatasetError,
+    load_info,
+    s3_error,
+    shard_uris,
+)
 from transforms import s3, storage
 from transforms.host import usable_cpus
 from transforms.s3 import S3Config
@@ -169,7 +175,7 @@ def _framing_problem(uri: str, head: bytes, compression: str, size: int) -> str 
     )  # fmt: skip
     if actual:
         return (
-            f"shard {uri} holds {actual} TFRecords, not {claimed} ones as dataset_info.json's "
+            f"shard {uri} holds {actual} TFRecords, not {claimed} ones as {MANIFEST}'s "
             "'compression' says: the manifest does not match its shards; rerun the convert "
             "job (or correct 'compression')"
         )
@@ -239,12 +245,12 @@ def _check_present(uri: str, shards: list[tuple[str, dict]], config: S3Config | 
     for shard_uri, entry in shards:
         if entry["file"] not in found:
             raise DatasetError(
-                f"shard {shard_uri} is listed in dataset_info.json but missing: the dataset "
+                f"shard {shard_uri} is listed in {MANIFEST} but missing: the dataset "
                 "was modified after conversion; rerun the convert job"
             )
         if found[entry["file"]] != entry["bytes"]:
             raise DatasetError(
-                f"shard {shard_uri} is {found[entry['file']]} bytes but dataset_info.json "
+                f"shard {shard_uri} is {found[entry['file']]} bytes but {MANIFEST} "
                 f"says {entry['bytes']}: it was modified or damaged; rerun the convert job"
             )
 
@@ -326,7 +332,7 @@ def make_dataset(
         ``class_names`` attribute is the manifest's labels in label order.
 
     Raises:
-        DatasetError: no or invalid ``dataset_info.json``, unknown split, a listed shard
+        DatasetError: no or invalid ``s3tfr_manifest.json``, unknown split, a listed shard
             missing or of the wrong size, shards that do not match the manifest's
             ``compression``, or S3 refusing the credentials or out of reach. While
             iterating, a shard that does not match the manifest after the cache's
@@ -405,7 +411,7 @@ def make_dataset(
         where = f"this worker's share of shard {uris[i]}" if by_record else f"shard {uris[i]}"
         if read != expected[i]:
             raise DatasetError(
-                f"{where} holds {read} records but dataset_info.json lists {expected[i]}: "
+                f"{where} holds {read} records but {MANIFEST} lists {expected[i]}: "
                 "the manifest does not match its shards; rerun the convert job"
             )
         if bad := read - decoded:

@@ -1,11 +1,15 @@
-"""The reader's view of a converted dataset: ``dataset_info.json`` in, a validated dict out.
+"""The reader's view of a converted dataset: ``s3tfr_manifest.json`` in, a validated dict out.
 
 In: a dataset URI (``s3://bucket/prefix`` or a local path). Out: the manifest written by the
 convert job (README, "What it writes"), checked before any shard is fetched: the schema and
 types, the format version, shard names that are plain ``<split>-NNNNN-of-NNNNN.tfrecord``
 file names (so no entry can point outside the dataset or the local cache), sha256 digests,
-and counts that add up. ``dataset_info.json`` is the commit marker of a complete dataset: a
-prefix without one is refused.
+and counts that add up. ``s3tfr_manifest.json`` is the commit marker of a complete dataset:
+a prefix without one is refused.
+
+A dataset in the older layout keeps its manifest as ``dataset_info.json``, the name that
+TensorFlow Datasets' metadata has in the present one; that file is read as the manifest
+only when its content is the manifest's (it has ``format_version``, which TFDS's lacks).
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ from transforms import storage
 from transforms.s3 import S3Config
 
 __all__ = [
-    "DATASET_INFO",
     "FORMAT_VERSION",
+    "LEGACY_MANIFEST",
+    "MANIFEST",
     "DatasetError",
+    "is_manifest",
     "load_info",
     "s3_error",
     "shard_uris",
     "validate_info",
 ]
 
-DATASET_INFO = "dataset_info.json"
+MANIFEST = "s3tfr_manifest.json"
+# The older layout's manifest; in the present one, TensorFlow Datasets' metadata.
+LEGACY_MANIFEST = "dataset_info.json"
 FORMAT_VERSION = 1
 # The one definition of shard names (the writer, transforms/tfrecords.py, uses it too).
 # Anchored with fullmatch: no separator, no "..", nothing before or after.
@@ -109,7 +117,7 @@ def _is_int(value: Any) -> bool:
 def _require(condition: bool, uri: str, what: str) -> None:
     if not condition:
         raise DatasetError(
-            f"invalid {DATASET_INFO} under {uri}: {what}; rerun the convert job to rewrite it"
+            f"invalid {MANIFEST} under {uri}: {what}; rerun the convert job to rewrite it"
         )
 
 
@@ -117,7 +125,7 @@ def validate_info(info: Any, uri: str = "<dataset>") -> dict:
     """Checks a parsed manifest against the data contract.
 
     Args:
-        info: the parsed ``dataset_info.json``.
+        info: the parsed ``s3tfr_manifest.json``.
         uri: the dataset URI, only for messages.
 
     Returns:
@@ -130,7 +138,7 @@ def validate_info(info: Any, uri: str = "<dataset>") -> dict:
     version = info.get("format_version")
     if version != FORMAT_VERSION:
         raise DatasetError(
-            f"{DATASET_INFO} under {uri} has format_version {version!r}; this reader reads "
+            f"{MANIFEST} under {uri} has format_version {version!r}; this reader reads "
             f"version {FORMAT_VERSION}: upgrade the reader or reconvert the dataset"
         )
     labels = info.get("labels")
@@ -213,8 +221,17 @@ def validate_info(info: Any, uri: str = "<dataset>") -> dict:
     return info
 
 
+def is_manifest(document: object) -> bool:
+    """Whether a parsed JSON document is this tool's manifest rather than TensorFlow
+    Datasets' ``dataset_info.json`` (whose DatasetInfo proto has no ``format_version``)."""
+    return isinstance(document, dict) and "format_version" in document
+
+
 def load_info(uri: str, config: S3Config | None = None) -> dict:
-    """Reads and validates ``<uri>/dataset_info.json``.
+    """Reads and validates ``<uri>/s3tfr_manifest.json``.
+
+    A dataset without one whose ``dataset_info.json`` is the manifest (an older layout)
+    is read from there; TensorFlow Datasets' ``dataset_info.json`` alone is no manifest.
 
     Args:
         uri: the dataset prefix, ``s3://bucket/prefix`` or a local directory.
@@ -226,27 +243,30 @@ def load_info(uri: str, config: S3Config | None = None) -> dict:
     Raises:
         DatasetError: when there is no manifest (an unfinished conversion) or it is invalid.
     """
-    info = read_json(
-        uri,
-        DATASET_INFO,
-        config,
-        missing="the convert job did not finish (or this is not a converted dataset); "
-        "rerun it, or point at the convert job's --output",
-        rerun="rerun the convert job to rewrite it",
-    )
+    rerun = "rerun the convert job to rewrite it"
+    info = read_json(uri, MANIFEST, config, missing=None, rerun=rerun)
+    if info is None:
+        legacy = read_json(uri, LEGACY_MANIFEST, config, missing=None, rerun=rerun)
+        if not is_manifest(legacy):
+            raise DatasetError(
+                f"no {MANIFEST} under {uri}: the convert job did not finish (or this is "
+                "not a converted dataset); rerun it, or point at the convert job's --output"
+            )
+        info = legacy
     return validate_info(info, uri)
 
 
 def read_json(
-    uri: str, name: str, config: S3Config | None, missing: str, rerun: str
+    uri: str, name: str, config: S3Config | None, missing: str | None, rerun: str
 ) -> object:
     """Reads and parses the JSON document ``name`` under ``uri`` (not yet validated).
 
     Args:
         uri: the dataset prefix, ``s3://bucket/prefix`` or a local directory.
-        name: the document's file name (``dataset_info.json``, ``analysis.json``).
+        name: the document's file name (``s3tfr_manifest.json``, ``analysis.json``).
         config: S3 client settings; ``None`` uses the standard AWS chain.
-        missing: what to tell the user when the document does not exist.
+        missing: what to tell the user when the document does not exist; ``None``
+            returns ``None`` then instead.
         rerun: what to tell the user when it is not valid JSON.
 
     Raises:
@@ -256,6 +276,8 @@ def read_json(
     try:
         data = storage.read_bytes(path, config)
     except (FileNotFoundError, NotADirectoryError):
+        if missing is None:
+            return None
         raise DatasetError(f"no {name} under {uri}: {missing}") from None
     except PermissionError:
         raise DatasetError(

@@ -14,7 +14,7 @@ In: a dataset prefix (``s3://bucket/prefix`` or a local path) that the analyze j
   vocabulary and class weights.
 
 ``analysis.json`` is written last by the analyze job: it is the commit marker of the
-transform output, as ``dataset_info.json`` is of the dataset.
+transform output, as ``s3tfr_manifest.json`` is of the dataset.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ shape assertions (stateful), so an image output would be computed during the ana
 too, tripling its cost. Images are decoded and sized by the reader's ops
 (``tfdata_reader.ops``) in training and serving alike. ``analysis.json`` records the
 same statistics for readers (``tfdata_reader.transform``) and people, with the source
-image size statistics of ``dataset_info.json``.
+image size statistics of ``s3tfr_manifest.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import tensorflow_transform.beam as tft_beam
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 
-from tfdata_reader.manifest import shard_uris
+from tfdata_reader.manifest import MANIFEST, shard_uris
 from tfdata_reader.transform import (
     ANALYSIS_FILE,
     ANALYSIS_FORMAT_VERSION,
@@ -323,7 +323,7 @@ def publish_analysis(
     if stats["class_counts"] != want:
         raise ValueError(
             f"class counts of the {split} records {stats['class_counts']} differ from "
-            f"dataset_info.json {want}: the dataset is inconsistent: reconvert it"
+            f"{MANIFEST} {want}: the dataset is inconsistent: reconvert it"
         )
     for folder in (TRANSFORMED_METADATA_DIR, TRANSFORM_FN_DIR):
         _upload_tree(staging, output_root, folder, config)

@@ -14,14 +14,17 @@ A convert run goes through these steps (everything it keeps lives under ``OUT/.s
    conditional write, so one of several waiting runs gets it.
 2. :meth:`Lease.prepare` records what the dataset owns before anything changes: the
    shards its committed manifest lists, plus what interrupted runs recorded; then it
-   removes the manifest, so the prefix no longer looks complete.
+   removes the manifest, so the prefix no longer looks complete, and TensorFlow
+   Datasets' metadata (:mod:`transforms.tfds_metadata`), so TFDS does not read shards
+   that are being replaced.
 3. The shard writer marks each shard's name (:func:`mark_written`) before it moves the
    shard in, so the shards of a run that dies are recognisably this tool's; a run that
    lost its lease stops there.
 4. :func:`finish` deletes the stale files (owned or marked, and not in the new manifest),
-   creates the manifest exclusively (``If-None-Match: *`` / a hard link: it was removed
-   in step 2, so another run's manifest makes the create fail), checks the lease once
-   more, and removes the run's records. The job then releases the lease.
+   writes the metadata files (labels, rejections, TFDS's), creates the manifest
+   exclusively (``If-None-Match: *`` / a hard link: it was removed in step 2, so another
+   run's manifest makes the create fail), checks the lease once more, and removes the
+   run's records. The job then releases the lease.
 
 Nothing else under ``OUT`` is ever deleted: a file that merely looks like a shard is the
 user's. Conditional writes need an S3 that honours ``If-None-Match`` and ``If-Match`` on
@@ -48,9 +51,10 @@ from collections.abc import Iterator
 
 import botocore.exceptions
 
-from tfdata_reader.manifest import DATASET_INFO, SHARD_NAME_RE
+from tfdata_reader.manifest import LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE, is_manifest
 from transforms import s3, storage
 from transforms.s3 import S3Config
+from transforms.tfds_metadata import TFDS_FILES
 
 __all__ = [
     "LEASE_S",
@@ -353,7 +357,8 @@ class Lease:
 
     def prepare(self) -> None:
         """Records what the dataset owns in this run's ``owned.json``, folds in the
-        records of interrupted runs, then removes the manifest."""
+        records of interrupted runs, then removes the manifest and TFDS's metadata (in the
+        older layout, ``dataset_info.json`` was the manifest)."""
         run = self.run
         owned = set(_manifest_shards(run))
         runs_root = run.uri(RUNS)
@@ -374,7 +379,9 @@ class Lease:
         )
         for other in sorted(others):
             _delete_tree(storage.join(runs_root, other), run.config)
-        storage.delete(run.uri(DATASET_INFO), run.config)
+        storage.delete(run.uri(MANIFEST), run.config)
+        for name in TFDS_FILES:
+            storage.delete(run.uri(name), run.config)
 
     def release(self) -> None:
         """Stops renewing and deletes the lease if it is still this run's."""
@@ -422,12 +429,18 @@ def _names(data: bytes) -> list[str]:
 
 
 def _manifest_shards(run: OutputRun) -> list[str]:
-    """The shard files the committed manifest lists (none when there is none)."""
-    found = _read(run.uri(DATASET_INFO), run.config)
+    """The shard files the committed manifest lists (none when there is none); in the
+    older layout the manifest is ``dataset_info.json``, now TFDS's name."""
+    found, legacy = _read(run.uri(MANIFEST), run.config), False
+    if found is None:
+        found, legacy = _read(run.uri(LEGACY_MANIFEST), run.config), True
     if found is None:
         return []
     try:
-        splits = json.loads(found[0]).get("splits", {})
+        manifest = json.loads(found[0])
+        if legacy and not is_manifest(manifest):
+            return []  # TFDS's metadata, left by a run that did not commit
+        splits = manifest.get("splits", {})
         files = [s.get("file") for split in splits.values() for s in split.get("shards", [])]
     except (ValueError, AttributeError, TypeError):
         return []
@@ -517,7 +530,7 @@ def finish(
         _check_held(run)  # a run that lost the prefix must not touch another's files
         storage.write_bytes(run.uri(name), data, run.config)
     _check_held(run)
-    manifest_uri = run.uri(DATASET_INFO)
+    manifest_uri = run.uri(MANIFEST)
     try:
         etag = create_exclusive(manifest_uri, manifest, run.config)
     except FileExistsError:

@@ -1,10 +1,10 @@
-"""WriteDatasetInfo: shard infos and rejections in; labels.txt, rejected.jsonl and, last,
-dataset_info.json out.
+"""WriteDatasetInfo: shard infos and rejections in; labels.txt, rejected.jsonl, TensorFlow
+Datasets' metadata (:mod:`transforms.tfds_metadata`) and, last, s3tfr_manifest.json out.
 
-``dataset_info.json`` is the commit marker: it is written only after every shard is in
-place under its final name and the stale shards the dataset owned are gone, only when
-every listed object is accounted for (``listed = converted + rejected``), and only by
-the run that holds the output's lease (:mod:`transforms.commit`).
+``s3tfr_manifest.json`` is the commit marker: it is written only after every shard is in
+place under its final name, the stale shards the dataset owned are gone and the other
+files are written, only when every listed object is accounted for (``listed = converted +
+rejected``), and only by the run that holds the output's lease (:mod:`transforms.commit`).
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import json
 import apache_beam as beam
 from apache_beam import pvalue
 
-from tfdata_reader.manifest import DATASET_INFO, FORMAT_VERSION
+from tfdata_reader.manifest import FORMAT_VERSION, MANIFEST
 from transforms import storage
 from transforms.commit import OutputRun, finish, mark_written
 from transforms.records import Rejection
+from transforms.tfds_metadata import tfds_files
 from transforms.tfrecords import shard_name
 
 __all__ = [
-    "DATASET_INFO",
     "FEATURES",
     "FORMAT_VERSION",
     "LABELS",
+    "MANIFEST",
     "REJECTED_FILE",
     "WriteDatasetInfo",
     "commit_dataset",
@@ -83,12 +84,15 @@ def commit_dataset(
 ) -> dict:
     """Finishes a dataset: names, cleans, and writes the metadata files, manifest last.
 
+    Beside labels.txt and rejected.jsonl, the metadata files are TensorFlow Datasets'
+    (:func:`transforms.tfds_metadata.tfds_files`), for an uncompressed dataset.
+
     A shard whose every image was rejected was not written; the others of its split are
     then renamed so that names run ``00000 .. N-1`` of ``N`` without a gap. Only files the
     dataset owns are deleted (:func:`transforms.commit.finish`).
 
     Returns:
-        The dataset_info dict that was written.
+        The manifest dict that was written.
 
     Raises:
         AccountingError: if ``listed != converted + rejected`` (nothing is written then).
@@ -152,6 +156,7 @@ def commit_dataset(
     files = {
         LABELS: "".join(f"{label}\n" for label in labels).encode(),
         REJECTED_FILE: "".join(r.to_json() + "\n" for r in ordered).encode(),
+        **tfds_files(info),
     }
     keep = {e["file"] for split in splits.values() for e in split["shards"]}
     manifest = (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode()
@@ -169,7 +174,7 @@ class WriteDatasetInfo(beam.PTransform):
         base_info: manifest fields known up front (source, options, tool).
 
     The input is a dict: ``"shards"`` (shard info dicts) and ``"rejected"`` (Rejection).
-    Returns a one-element PCollection with the written dataset_info dict.
+    Returns a one-element PCollection with the written manifest dict.
     """
 
     def __init__(self, run: OutputRun, labels, listed, base_info: dict) -> None:

@@ -1,6 +1,6 @@
 """VerifyShards: a converted dataset's manifest in; one pass/fail result per shard out.
 
-Every shard listed in ``dataset_info.json`` is re-read as a stream, once: its raw bytes go
+Every shard listed in ``s3tfr_manifest.json`` is re-read as a stream, once: its raw bytes go
 through sha256 and a byte count (checked against the manifest), and the same bytes,
 decompressed when the dataset is GZIP or ZLIB, through Beam's TFRecord framing reader (length
 and data CRCs). Each record must parse as a ``tf.train.Example`` with the data contract's
