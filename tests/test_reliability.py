@@ -49,6 +49,7 @@ from tfdata_reader import DatasetError, ShardCache, make_dataset
 from tfdata_reader.manifest import MANIFEST
 from transforms import s3, storage
 from transforms.s3 import S3Config
+from transforms.tfds_metadata import TFDS_FILES
 from transforms.verify import iter_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -511,6 +512,8 @@ def test_convert_killed_never_looks_complete_and_rerun_is_identical(
     elif point == "before-manifest":
         assert set(shards) == {n for n in reference if SHARD_RE.fullmatch(n)}
         assert left["labels.txt"] == reference["labels.txt"]
+        # TensorFlow Datasets' files go in just before the manifest, complete and final.
+        assert all(left[name] == reference[name] for name in TFDS_FILES)
     with pytest.raises(DatasetError, match="no s3tfr_manifest.json under .*rerun"):
         make_dataset(uri, "train", config=None)
 
@@ -742,14 +745,15 @@ def test_no_secret_in_logs_progress_outputs_or_errors(
             make_dataset(f"s3://{s3_bucket}/nothing", config=config)
         texts.append(str(refused.value))
     assert (
-        "[convert]" in texts[1] and "does not exist" in texts[2]
+        "convert: " in texts[1] and "does not exist" in texts[2]
     )  # the runs did speak
     texts.append(capsys.readouterr().out + capsys.readouterr().err)
     texts.append((tmp_path / "report.json").read_text())
     texts += [
         v.decode() for v in _objects(s3_bucket, "out/").values() if b"\0" not in v
     ]
-    assert len(texts) == 10
+    # 3 logs, config, error, terminal, report; manifest, labels, rejected, TFDS's three
+    assert len(texts) == 13
     for text in texts:
         assert SECRET not in text and TOKEN not in text
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -24,12 +25,16 @@ from beam_jobs.sample_data import write_sample_tree
 from tfdata_reader import DatasetError, load_info, make_dataset
 from tfdata_reader.manifest import LEGACY_MANIFEST, MANIFEST
 from transforms import storage
+from transforms.commit import Lease
 from transforms.tfds_metadata import TFDS_FEATURES, TFDS_FILES, TFDS_INFO, TFDS_LABELS
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 CLASSES = ("ant", "bee", "wasp")
 PER_CLASS = 6
+READER_DOC = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "docs", "READER.md"
+)
 
 
 def _convert(src: str, out: str, *extra: str) -> dict:
@@ -129,6 +134,23 @@ def test_tfds_reads_every_record_of_every_split(cropped):
         assert np.array_equal(pixels, tf.io.decode_jpeg(encoded).numpy())
 
 
+def test_the_reader_docs_example_runs(cropped, capsys):
+    with open(READER_DOC) as f:
+        section = f.read().split("## Loading with TensorFlow Datasets", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]
+    assert '"/data/tfrecords"' in code
+    namespace: dict = {}
+    exec(code.replace('"/data/tfrecords"', repr(cropped)), namespace)  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        str(load_info(cropped)["splits"]["train"]["examples"]),
+        str(list(CLASSES)),
+    ]
+    pairs = list(namespace["train"].as_numpy_iterator())
+    assert len(pairs) == load_info(cropped)["splits"]["train"]["examples"]
+    assert all(image.shape == (32, 40, 3) and 0 <= label < 3 for image, label in pairs)
+
+
 def test_tfds_reads_png_grayscale_of_any_size(source, tmp_path):
     out = str(tmp_path / "out")
     _convert(source, out, "--image_format", "png", "--channels", "1")
@@ -173,6 +195,20 @@ def test_tfds_files_are_replaced_by_a_rerun(source, tmp_path):
     _convert(source, out, "--compression", "gzip")
     assert not any(os.path.exists(os.path.join(out, name)) for name in TFDS_FILES)
     assert load_info(out)["compression"] == "GZIP"
+
+
+def test_a_rerun_removes_tfds_files_before_it_replaces_a_shard(cropped, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(cropped, out)
+    with Lease(out):
+        # Held, as by a convert run before its first shard: TFDS finds no dataset.
+        left = set(os.listdir(out))
+        assert not (set(TFDS_FILES) | {MANIFEST}) & left
+        assert "train-00000-of-00002.tfrecord" in left
+        with pytest.raises(
+            OSError, match=f"Could not read dataset info from .*{TFDS_INFO}"
+        ):
+            tfds.builder_from_directory(out)
 
 
 def _older_layout(dataset: str, tmp_path) -> str:
