@@ -13,14 +13,15 @@ analyzable, so ``--help`` and a user's mistakes answer without their seconds of 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import sys
 import tempfile
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
+from beam_jobs import progress
 from beam_jobs.common import (
     UserError,
     add_shared_argument,
@@ -32,6 +33,8 @@ from beam_jobs.common import (
 from tfdata_reader.manifest import DatasetError, load_info
 from tfdata_reader.transform import ANALYSIS_FILE
 from transforms import storage
+from transforms.host import quiet_tensorflow_import
+from transforms.s3 import S3Config
 
 DESCRIPTION = """\
 Compute dataset statistics of a converted dataset with tensorflow-transform
@@ -41,7 +44,7 @@ transform_fn/ and analysis.json under it.
 example:
   s3tfr-analyze --dataset s3://bucket/tfrecords/"""
 
-__all__ = ["AnalyzeOptions", "analyze", "main", "run"]
+__all__ = ["AnalyzeOptions", "analyze", "main", "print_summary", "run"]
 
 DEFAULT_SPLIT = "train"
 DEFAULT_RECORD_BATCH_SIZE = 128
@@ -93,19 +96,22 @@ def analyze(
     # time TensorFlow has imported Keras 3 for nothing (0.4 s of CPU); a user's own
     # setting wins, as it does with TFT.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from transforms.analyze import AnalyzeImages
+    with quiet_tensorflow_import():
+        from transforms.analyze import AnalyzeImages
 
     # The old analysis must not describe the new transform output while it is replaced.
     storage.delete(storage.join(dataset, ANALYSIS_FILE), config)
-    print(
-        f"[analyze] {info['splits'][split]['examples']} {split} images of {dataset} …",
-        file=sys.stderr,
-        flush=True,
-    )
+    examples = info["splits"][split]["examples"]
+    progress.LOGGER.info("analyze: %s %s images of %s …", f"{examples:,}", split, dataset)
     # TFT writes its SavedModels with tf.io, which needs a local (or TF-supported) path.
     temp_dir = tempfile.mkdtemp(prefix="s3tfr-analyze-")
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
     try:
-        with beam.Pipeline(runner=local_runner(options), options=options) as p:
+        with (
+            progress.temporary_folder(temp_location, config) as folder,
+            progress.watch("analyze", folder, "images", examples) as folder,
+            beam.Pipeline(runner=local_runner(options), options=options) as p,
+        ):
             _ = p | "AnalyzeImages" >> AnalyzeImages(
                 dataset,
                 info,
@@ -113,6 +119,7 @@ def analyze(
                 temp_dir,
                 config,
                 record_batch_size,
+                folder,
             )
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -137,11 +144,23 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     )
 
 
+def print_summary(dataset: str, config: S3Config | None = None) -> None:
+    """Prints what the analysis found: the images analyzed, pixel mean and std."""
+    uri = storage.join(dataset, ANALYSIS_FILE)
+    analysis = json.loads(storage.read_bytes(uri, config))
+    mean, std = ([round(v, 2) for v in analysis[k]] for k in ("pixel_mean", "pixel_std"))
+    print(f"\nAnalysis written to {uri}")
+    print(
+        f"  {analysis['examples']:,} {analysis['split']} images: pixel mean {mean}, "
+        f"std {std} ({analysis['pixel_scale']})"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     def _job(args):
         run(args)
-        opts = pipeline_options(args).view_as(AnalyzeOptions)
-        print(f"\nAnalysis written to {storage.join(opts.dataset, ANALYSIS_FILE)}")
+        options = pipeline_options(args)
+        print_summary(options.view_as(AnalyzeOptions).dataset, s3_config(options))
 
     cli_main("analyze", _job, argv, AnalyzeOptions, DESCRIPTION)
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import dataclasses
 import difflib
 import functools
 import gc
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from beam_jobs import logs
 from s3tfr.errors import JobFailed, UserError
 from transforms.host import usable_cpus
 from transforms.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
@@ -31,6 +34,7 @@ __all__ = [
     "failure_in",
     "local_runner",
     "pipeline_options",
+    "pool_for",
     "print_help",
     "s3_config",
     "tune_garbage_collector",
@@ -192,7 +196,15 @@ def print_help(prog: str, description: str, options: type) -> None:
         "--direct_num_workers, --s3_endpoint_url, ...); --help_beam lists them all.",
     )
     options._add_argparse_args(parser)
+    add_verbosity_help(parser)
     parser.print_help()
+
+
+def add_verbosity_help(parser: argparse.ArgumentParser) -> None:
+    """Lists ``-q``/``-v``/``--debug`` (read by :func:`cli_main`, never by Beam)."""
+    group = parser.add_argument_group("output")
+    for flags, text in logs.FLAGS_HELP:
+        group.add_argument(*flags, action="store_true", help=text)
 
 
 def local_runner(options: PipelineOptions):
@@ -240,6 +252,22 @@ def s3_config(options: PipelineOptions) -> S3Config:
         raise UserError(str(e)) from None
 
 
+def pool_for(
+    config: S3Config, requests_per_worker: int, direct_num_workers: int | None = None
+) -> S3Config:
+    """``config`` with a connection pool for every S3 request a worker process may
+    have in flight: ``requests_per_worker`` per DoFn instance, and an instance per core
+    (or per DirectRunner worker thread, when more are asked for) sharing the process's
+    client. urllib3 keeps at most the pool's size of connections: it would open the
+    others, then discard them with a "Connection pool is full" warning.
+    """
+    instances = max(usable_cpus(), direct_num_workers or 0)
+    wanted = instances * requests_per_worker
+    return dataclasses.replace(
+        config, max_pool_connections=max(config.max_pool_connections, wanted)
+    )
+
+
 def counters(result, namespace: str) -> dict[str, int]:
     """The committed (or attempted) values of a job's counters, by name."""
     from apache_beam.metrics.metric import MetricsFilter
@@ -279,12 +307,15 @@ def cli_main(
     options: type | None = None,
     description: str = "",
 ) -> None:
-    """Runs ``job``; a :class:`UserError` becomes one line on stderr and exit status 2.
+    """Runs ``job`` with the arguments minus ``-q``/``-v``/``--debug``, which set what
+    it logs (:mod:`beam_jobs.logs`); a :class:`UserError` becomes one line on stderr
+    and exit status 2, a :class:`JobFailed` one line and exit status 1 (with ``-v`` or
+    ``--debug``, after its traceback).
 
     With ``options`` (the job's PipelineOptions class), ``-h``/``--help`` prints the
     job's own options and ``--help_beam`` every Beam option, instead of running it.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
+    verbosity, args = logs.split_verbosity(sys.argv[1:] if argv is None else argv)
     if options is not None and ("-h" in args or "--help" in args):
         print_help(f"s3tfr-{name}", description, options)
         sys.exit(0)
@@ -292,14 +323,20 @@ def cli_main(
         _beam_parser().print_help()
         sys.exit(0)
     tune_garbage_collector()
-    try:
-        job(argv)
-    except UserError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except JobFailed as e:
-        print(f"{name}: failed: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    with logs.configured(name, verbosity):
+        try:
+            job(args)
+        except UserError as e:
+            _exit(name, "error", e, 2, verbosity)
+        except JobFailed as e:
+            _exit(name, "failed", e, 1, verbosity)
+        except KeyboardInterrupt as e:
+            _exit(name, "interrupted", e, 130, verbosity)
+
+
+def _exit(name: str, what: str, error: BaseException, status: int, verbosity: int):
+    if verbosity >= logs.VERBOSE:
+        traceback.print_exception(error)
+    message = str(error)
+    print(f"{name}: {what}: {message}" if message else f"{name}: {what}", file=sys.stderr)
+    sys.exit(status)

@@ -15,13 +15,13 @@ import functools
 import json
 import os
 import re
-import sys
 from collections.abc import Iterator
 
 import apache_beam as beam
 import botocore.exceptions
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+from beam_jobs import progress
 from beam_jobs.common import (
     UserError,
     add_shared_argument,
@@ -30,6 +30,7 @@ from beam_jobs.common import (
     failure_in,
     local_runner,
     pipeline_options,
+    pool_for,
     s3_config,
 )
 from tfdata_reader.manifest import load_info, s3_error
@@ -46,6 +47,7 @@ from transforms.examples import ConvertSettings
 from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse_resize
 from transforms.listing import METRICS_NAMESPACE, ListImages
 from transforms.manifest import AccountingError, WriteDatasetInfo
+from transforms.progress import ProgressFolder
 from transforms.s3 import S3Config
 from transforms.sharding import AssignShards
 from transforms.tfrecords import WriteShards
@@ -302,7 +304,13 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
     # channel.
     on_s3 = s3.is_s3(opts.input) or s3.is_s3(opts.output)
     options = pipeline_options(argv, local_threads=True) if on_s3 else given
-    config = s3_config(options)
+    # Per DoFn instance: its GETs, and its shard moves (two at once, each up to four
+    # parts of a multipart upload) with the run's markers.
+    config = pool_for(
+        s3_config(options),
+        opts.max_concurrent_gets + 10,
+        options.view_as(DirectOptions).direct_num_workers,
+    )
     _check_input(opts.input, config, opts.split_from_dirs)
     _check_output(opts.output, opts.input)
     fixed_labels = _read_labels(opts.labels_file, config) if opts.labels_file else None
@@ -340,8 +348,13 @@ def _convert(
 ) -> beam.runners.runner.PipelineResult:
     """The convert pipeline itself, run while ``output_run`` holds the output."""
     config = output_run.config
-    print(f"[convert] listing {opts.input} …", file=sys.stderr, flush=True)
-    with beam.Pipeline(runner=local_runner(options), options=options) as p:
+    progress.LOGGER.info("convert: listing %s …", opts.input)
+    with (
+        progress.watch(
+            "convert", ProgressFolder(output_run.progress, config), "images"
+        ) as reported,
+        beam.Pipeline(runner=local_runner(options), options=options) as p,
+    ):
         listed = p | "ListImages" >> ListImages(opts.input, config, opts.split_from_dirs)
         if fixed_labels:
             labels = p | "FixedLabels" >> beam.Create([fixed_labels])
@@ -368,6 +381,7 @@ def _convert(
             opts.max_concurrent_gets,
             config,
             output_run,
+            reported,
         )
         rejected = (
             listed["rejected"],
@@ -412,7 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     def _job(args):
         result = run(args)
         opts = pipeline_options(args).view_as(ConvertOptions)
-        print_summary(opts.output, result, s3_config(pipeline_options(args)))
+        config = s3_config(pipeline_options(args))
+        print_summary(opts.output, result, config)
+        if opts.analyze:
+            from beam_jobs import analyze
+
+            analyze.print_summary(opts.output, config)
 
     cli_main("convert", _job, argv, ConvertOptions, DESCRIPTION)
 

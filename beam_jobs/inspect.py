@@ -19,8 +19,9 @@ import sys
 import apache_beam as beam
 import botocore.exceptions
 from apache_beam import pvalue
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 
+from beam_jobs import progress
 from beam_jobs.common import (
     UserError,
     add_shared_argument,
@@ -32,6 +33,7 @@ from beam_jobs.common import (
 from tfdata_reader import DatasetError, load_info
 from tfdata_reader.manifest import s3_error
 from transforms import storage
+from transforms.host import quiet_tensorflow_import
 from transforms.s3 import S3Config
 from transforms.tfrecords import SHARD_NAME_PATTERN
 from transforms.verify import METRICS_NAMESPACE, VerifyShards, check_splits, shard_tasks
@@ -217,9 +219,19 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult | N
         print(f"report: {path}", flush=True)
     if not opts.verify:
         return None
-    print(f"verify: reading {len(shard_tasks(info))} shards …", flush=True)
-    with beam.Pipeline(options=options) as p:
-        checks = p | "VerifyShards" >> VerifyShards(opts.dataset, info, config)
+    tasks = shard_tasks(info)
+    records = sum(entry["examples"] for _split, entry in tasks)
+    progress.LOGGER.info("verify: reading %d shards (%s records) …", len(tasks), f"{records:,}")
+    with quiet_tensorflow_import():
+        import tensorflow  # noqa: F401 - the shards' records are parsed with it
+
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
+    with (
+        progress.temporary_folder(temp_location, config) as folder,
+        progress.watch("verify", folder, "records", records) as folder,
+        beam.Pipeline(options=options) as p,
+    ):
+        checks = p | "VerifyShards" >> VerifyShards(opts.dataset, info, config, folder)
         _ = (
             p
             | "VerdictTrigger" >> beam.Create([None])

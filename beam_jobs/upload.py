@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import botocore.exceptions
 
-from beam_jobs.common import UserError, cli_main, tune_garbage_collector
+from beam_jobs import progress
+from beam_jobs.common import UserError, add_verbosity_help, cli_main, pool_for
 from transforms import s3, storage, uploader
 from transforms.s3 import S3Config
 from transforms.uploader import Plan, UploadSettings
@@ -45,7 +46,6 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_MULTIPART_THRESHOLD_MB = 64
 DEFAULT_OBJECT_ATTEMPTS = 3
 DEFAULT_MAX_ATTEMPTS = 10
-DEFAULT_REPORT = os.path.join(tempfile.gettempdir(), "s3tfr-upload-report.json")
 SSE_CHOICES = ("AES256", "aws:kms")
 STORAGE_CLASSES = (
     "STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
@@ -107,8 +107,10 @@ def _add_arguments(parser: argparse.ArgumentParser, add_shared) -> None:
     add_shared(
         parser,
         "--report",
-        default=DEFAULT_REPORT,
-        help="where the JSON report goes (local path or s3:// URI)",
+        default=None,
+        help="where the JSON report goes (local path or s3:// URI); by default "
+        "report.json in a new private folder s3tfr-upload-* of the temporary directory "
+        "($TMPDIR, else /tmp), one per run; its path is printed at the end",
     )
 
 
@@ -135,6 +137,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         prog="upload", description=__doc__.split("\n\n")[0]
     )
     _add_arguments(parser, lambda p, flag, **kwargs: p.add_argument(flag, **kwargs))
+    add_verbosity_help(parser)
+    # Beam's DirectRunner flag, read for the connection pool's size (_client_config).
+    parser.add_argument("--direct_num_workers", type=int, help=argparse.SUPPRESS)
     # Beam's TestOptions flag takes a value; a bare --dry_run means true.
     parser.add_argument(
         "--dry_run",
@@ -229,7 +234,6 @@ def _settings(opts: argparse.Namespace, config: S3Config) -> UploadSettings:
         sse=opts.sse or "",
         sse_kms_key_id=opts.sse_kms_key_id or "",
         storage_class=opts.storage_class or "",
-        run_id=f"{os.getpid()}-{time.time_ns()}",
     )
 
 
@@ -238,11 +242,8 @@ def _client_config(opts: argparse.Namespace) -> S3Config:
         config = S3Config.from_options(opts)
     except ValueError as e:
         raise UserError(str(e)) from None
-    # The pool must hold every request in flight: files at once, plus parts of big ones.
-    return dataclasses.replace(
-        config,
-        max_pool_connections=max(config.max_pool_connections, 2 * opts.concurrency),
-    )
+    # Per DoFn instance: files at once, plus parts of big ones.
+    return pool_for(config, 2 * opts.concurrency, opts.direct_num_workers)
 
 
 def _write_report(summary: dict, uri: str, header: dict, config: S3Config) -> None:
@@ -282,7 +283,11 @@ def _prepare(argv: list[str] | None) -> _Job:
     _check_source(opts.source)
     config = _client_config(opts)
     settings = _settings(opts, config)
-    storage.delete(opts.report, config)  # a stale report must never read as this run's
+    if opts.report:
+        storage.delete(opts.report, config)  # a stale report must never read as this run's
+        report = opts.report
+    else:
+        report = os.path.join(tempfile.mkdtemp(prefix="s3tfr-upload-"), "report.json")
     beam_import = threading.Thread(target=_import_pipeline_modules, name="import-beam")
     try:
         plan = uploader.plan(
@@ -294,32 +299,42 @@ def _prepare(argv: list[str] | None) -> _Job:
         )
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
         raise _bucket_error(settings.bucket, e) from None
-    files, size = plan.totals
-    print(
-        f"[upload] {settings.source} -> {opts.output}: {files:,} files to upload "
-        f"({size / 1e6:,.1f} MB), {plan.done.counts['unchanged']:,} unchanged",
-        file=sys.stderr,
-        flush=True,
-    )
+    if opts.dry_run:
+        files, size = plan.done.counts["would_upload"], plan.done.sizes["would_upload"]
+        what = "dry run: {} files would be uploaded"
+    else:
+        (files, size), what = plan.totals, "{} files to upload"
+    progress.LOGGER.info(
+        "upload: %s -> %s: %s (%s MB), %s unchanged",
+        settings.source, opts.output, what.format(f"{files:,}"), f"{size / 1e6:,.1f}",
+        f"{plan.done.counts['unchanged']:,}",
+    )  # fmt: skip
     header = {"source": settings.source, "output": opts.output, "dry_run": opts.dry_run}
-    return _Job(args, settings, plan, opts.report, header, beam_import)
+    return _Job(args, settings, plan, report, header, beam_import)
 
 
 def _run_pipeline(job: _Job) -> PipelineResult:
     job.beam_import.join()
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     from beam_jobs.common import local_runner, pipeline_options
     from transforms.upload import Summarize, UploadFiles
 
     _options_class()  # Beam's parser then knows this job's flags
     options = pipeline_options(job.args)
-    with beam.Pipeline(runner=local_runner(options), options=options) as p:
+    files, size = job.plan.totals
+    temp_location = options.view_as(GoogleCloudOptions).temp_location
+    with (
+        progress.temporary_folder(temp_location, job.settings.config) as folder,
+        progress.watch("upload", folder, "files", files, size) as folder,
+        beam.Pipeline(runner=local_runner(options), options=options) as p,
+    ):
         _ = (
             p
             # Create keeps the plan's order on DirectRunner: largest files start first.
             | "PlannedFiles" >> beam.Create(job.plan.to_upload)
-            | "UploadFiles" >> UploadFiles(job.settings, job.plan.totals)
+            | "UploadFiles" >> UploadFiles(job.settings, folder)
             | "Summarize" >> Summarize(job.plan.done)
             | "WriteReport"
             >> beam.Map(_write_report, job.report, job.header, job.settings.config)
@@ -338,7 +353,10 @@ def run(argv: list[str] | None = None) -> PipelineResult | None:
     Raises:
         UserError: for source, bucket or option problems found before anything uploads.
     """
-    job = _prepare(argv)
+    return _execute(_prepare(argv))
+
+
+def _execute(job: _Job) -> PipelineResult | None:
     if not job.plan.to_upload:
         _write_report(
             job.plan.done.to_dict(), job.report, job.header, job.settings.config
@@ -375,26 +393,19 @@ def print_summary(report: dict, elapsed_s: float, report_uri: str) -> int:
     return len(failed)
 
 
-def _upload(argv: list[str] | None) -> int:
+def _upload(argv: list[str] | None) -> None:
     started = time.monotonic()
-    run(argv)
-    opts, _args = _parse(argv)
-    report = json.loads(storage.read_bytes(opts.report, _client_config(opts)))
-    return print_summary(report, time.monotonic() - started, opts.report)
+    job = _prepare(argv)
+    _execute(job)
+    report = json.loads(storage.read_bytes(job.report, job.settings.config))
+    if print_summary(report, time.monotonic() - started, job.report):
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: exit status 0, 1 when some files failed, 2 for a set-up
     problem (one line on stderr)."""
-    tune_garbage_collector()
-    try:
-        failed = _upload(argv)
-    except (Exception, KeyboardInterrupt) as error:
-        # Exits with status 2 (UserError) or 130 (Ctrl-C); anything else propagates.
-        cli_main("upload", functools.partial(_raise, error))
-        raise
-    if failed:
-        sys.exit(1)
+    cli_main("upload", _upload, argv)
 
 
 if __name__ == "__main__":

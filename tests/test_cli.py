@@ -1,5 +1,6 @@
 """The jobs' command lines: --help lists each job's own options; a misspelt or unknown
-option stops the job (exit 2, one line, nothing written) instead of a Beam warning."""
+option stops the job (exit 2, one line, nothing written) instead of a Beam warning;
+-v/--debug add the traceback behind a one-line error."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from beam_jobs import analyze, convert, inspect
 from beam_jobs.common import UserError
+from beam_jobs.sample_data import write_sample_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,3 +139,44 @@ def test_a_missing_required_option_is_one_line(module, args, message):
     assert "Traceback" not in done.stderr
     (line,) = [ln for ln in done.stderr.splitlines() if "error" in ln]
     assert message in line
+
+
+@pytest.mark.parametrize("module", ["beam_jobs.convert", "beam_jobs.analyze",
+                                    "beam_jobs.inspect", "beam_jobs.upload"])  # fmt: skip
+def test_help_lists_the_output_options(module):
+    done = _cli(module, "--help")
+    assert done.returncode == 0, done.stderr
+    for flag in ("-q, --quiet", "-v, --verbose", "--debug"):
+        assert flag in done.stdout
+
+
+@pytest.mark.parametrize("flag", ["-v", "--verbose", "--debug"])
+def test_verbose_shows_the_traceback_behind_a_user_error(tmp_path, flag):
+    args = ["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]
+    quiet = _cli("beam_jobs.convert", *args)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == [
+        f"convert: error: input {tmp_path / 'missing'} is not a directory"
+    ]
+    loud = _cli("beam_jobs.convert", flag, *args)
+    assert loud.returncode == 2
+    assert "Traceback" in loud.stderr and "UserError" in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()
+
+
+def test_a_failed_worker_is_one_line_without_verbose(tmp_path):
+    # The shard writer stops at a user's file where a shard goes: Beam logs the worker's
+    # traceback, which only -v shows; the job's one line always ends the output.
+    write_sample_tree(str(tmp_path / "src"), per_class=3, corrupt=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train-00000-of-00001.tfrecord").write_bytes(b"the user's own")
+    args = ["--input", str(tmp_path / "src"), "--output", str(tmp_path / "out"),
+            "--num_shards", "1"]  # fmt: skip
+    for verbose in (False, True):
+        done = _cli("beam_jobs.convert", *args, *(["-v"] if verbose else []))
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert lines[-1].startswith("convert: failed: ") and "is not a file of" in lines[-1]
+        assert ("Traceback" in done.stderr) is verbose, done.stderr
+        if not verbose:
+            assert [ln for ln in lines if not ln.startswith("convert: ")] == []

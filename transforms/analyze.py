@@ -30,16 +30,9 @@ import datetime
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 
 import apache_beam as beam
-import numpy as np
-import tensorflow as tf
-import tensorflow_transform as tft
-import tensorflow_transform.beam as tft_beam
-from tensorflow_transform.tf_metadata import schema_utils
-from tfx_bsl.public import tfxio
 
 from tfdata_reader.manifest import MANIFEST, shard_uris
 from tfdata_reader.transform import (
@@ -61,8 +54,18 @@ from tfdata_reader.transform import (
     split_fingerprint,
 )
 from transforms import storage
+from transforms.host import quiet_tensorflow_import
+from transforms.progress import ProgressFolder
 from transforms.s3 import S3Config
 from transforms.verify import iter_records
+
+# Last: a worker process that unpickles these stages imports TensorFlow here first.
+with quiet_tensorflow_import():
+    import tensorflow as tf
+    import tensorflow_transform as tft
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import schema_utils
+    from tfx_bsl.public import tfxio
 
 __all__ = [
     "RAW_FEATURE_SPEC",
@@ -200,6 +203,27 @@ def raw_schema():
     return schema_utils.schema_from_feature_spec(RAW_FEATURE_SPEC)
 
 
+class _ReadShardFn(beam.DoFn):
+    """Shard URI -> its serialized records, counted in the progress markers."""
+
+    def __init__(
+        self, compression: str, config: S3Config | None, progress: ProgressFolder | None
+    ) -> None:
+        self._compression = compression
+        self._config = config
+        self._progress = progress
+
+    def process(self, uri: str):
+        if self._progress is None:
+            yield from iter_records(uri, self._compression, self._config)
+            return
+        task = self._progress.task(uri.rsplit("/", 1)[-1])
+        for record in iter_records(uri, self._compression, self._config):
+            task.add(1)
+            yield record
+        task.finish()
+
+
 class ReadRecordBatches(beam.PTransform):
     """Shard URIs in (at construction); Arrow record batches of the raw features out.
 
@@ -212,6 +236,7 @@ class ReadRecordBatches(beam.PTransform):
         compression: ``""``, ``"GZIP"`` or ``"ZLIB"``, as in the manifest.
         config: S3 client settings.
         batch_size: records per record batch.
+        progress: where to report the records read, per shard, if anywhere.
 
     Attributes:
         tensor_adapter_config: what ``tft_beam.AnalyzeDataset`` needs beside the batches.
@@ -223,12 +248,14 @@ class ReadRecordBatches(beam.PTransform):
         compression: str,
         config: S3Config | None,
         batch_size: int,
+        progress: ProgressFolder | None = None,
     ) -> None:
         super().__init__()
         self._uris = list(shard_uris)
         self._compression = compression
         self._config = config
         self._batch_size = batch_size
+        self._progress = progress
         self._tfxio = tfxio.TFExampleRecord(
             file_pattern=self._uris, validate=False, schema=raw_schema()
         )
@@ -241,7 +268,7 @@ class ReadRecordBatches(beam.PTransform):
             # one shard per DoFn call, spread over workers
             | "SpreadShards" >> beam.Reshuffle()
             | "ReadRecords"
-            >> beam.FlatMap(iter_records, self._compression, self._config)
+            >> beam.ParDo(_ReadShardFn(self._compression, self._config, self._progress))
             # serialized tf.train.Example
             | "ToRecordBatches" >> self._tfxio.RawRecordToRecordBatch(self._batch_size)
         )
@@ -344,13 +371,6 @@ def publish_analysis(
         (json.dumps(analysis, indent=2, ensure_ascii=False) + "\n").encode(),
         config,
     )
-    print(
-        f"[analyze] {analysis['examples']} {split} images: pixel mean "
-        f"{np.round(analysis['pixel_mean'], 2).tolist()}, std "
-        f"{np.round(analysis['pixel_std'], 2).tolist()} (0..255)",
-        file=sys.stderr,
-        flush=True,
-    )
     shutil.rmtree(staging, ignore_errors=True)
     return analysis
 
@@ -365,6 +385,7 @@ class AnalyzeImages(beam.PTransform):
         temp_dir: a local directory for TFT's temporary files.
         config: S3 client settings.
         batch_size: records per Arrow record batch.
+        progress: where to report the records read, per shard, if anywhere.
 
     Returns:
         A one-element PCollection with the analysis dict written to ``analysis.json``.
@@ -378,6 +399,7 @@ class AnalyzeImages(beam.PTransform):
         temp_dir: str,
         config: S3Config | None,
         batch_size: int,
+        progress: ProgressFolder | None = None,
     ) -> None:
         super().__init__()
         self._dataset = dataset
@@ -386,11 +408,16 @@ class AnalyzeImages(beam.PTransform):
         self._temp_dir = temp_dir
         self._config = config
         self._batch_size = batch_size
+        self._progress = progress
 
     def expand(self, pbegin):
         shards = [uri for uri, _ in shard_uris(self._info, self._dataset, self._split)]
         read = ReadRecordBatches(
-            shards, self._info.get("compression", ""), self._config, self._batch_size
+            shards,
+            self._info.get("compression", ""),
+            self._config,
+            self._batch_size,
+            self._progress,
         )
         batches = pbegin | "ReadRecordBatches" >> read
         preprocessing_fn = make_preprocessing_fn(self._info["labels"])

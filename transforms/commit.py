@@ -106,6 +106,14 @@ class OutputRun:
         """This run's records: ``owned.json`` and the ``written/`` markers."""
         return self.uri(f"{RUNS}/{self.run_id}")
 
+    @property
+    def progress(self) -> str:
+        """Where this run's workers report progress (:mod:`transforms.progress`): beside
+        its records, so that it outlives their removal at the commit until the job has
+        read it, and a later run removes what an interrupted one left (as it removes
+        every other run's folder)."""
+        return self.uri(f"{RUNS}/{self.run_id}.progress")
+
 
 def create_exclusive(uri: str, data: bytes, config: S3Config | None = None) -> str:
     """Writes ``data`` at ``uri`` only if nothing is there; complete or not at all.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import sys
+from collections.abc import Iterator
 
-__all__ = ["keep_freed_heap", "usable_cpus"]
+__all__ = ["keep_freed_heap", "quiet_tensorflow_import", "usable_cpus"]
 
 # glibc's mallopt parameter for the heap's top padding (malloc.h: M_TOP_PAD).
 _M_TOP_PAD = -2
@@ -44,3 +47,29 @@ def keep_freed_heap() -> bool:
     except (OSError, AttributeError):
         return False
     return mallopt(_M_TOP_PAD, HEAP_PAD_BYTES) == 1
+
+
+@contextlib.contextmanager
+def quiet_tensorflow_import() -> Iterator[None]:
+    """Around a first import of TensorFlow: what it writes to stderr while its libraries
+    load is dropped when ``TF_CPP_MIN_LOG_LEVEL`` asks for fewer than INFO logs.
+
+    TensorFlow 2.21's libraries log as they load (oneDNN, CUDA stubs, CPU features)
+    through absl before absl's logging is set up, and such lines ignore
+    ``TF_CPP_MIN_LOG_LEVEL`` (tensorflow/tensorflow#100442); only the file descriptor
+    they are written to can hold them back. An import error still raises, after stderr
+    is back.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
@@ -34,6 +33,7 @@ from transforms.examples import ConvertSettings, TFRecordFile, convert_record
 from transforms.host import keep_freed_heap, usable_cpus
 from transforms.images import ConvertedImage
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
+from transforms.progress import ProgressFolder
 from transforms.records import Rejection, ShardItem
 from transforms.s3 import S3Config
 
@@ -102,7 +102,10 @@ def _freeze_imports() -> None:
 
 
 class _WriteShardFn(beam.DoFn):
-    """((split, bucket), lists of [ShardItem]) -> shard info dict; Rejection per bad image."""
+    """((split, bucket), lists of [ShardItem]) -> shard info dict; Rejection per bad image.
+
+    Side input: every shard group's key and number of references.
+    """
 
     def __init__(
         self,
@@ -113,8 +116,11 @@ class _WriteShardFn(beam.DoFn):
         max_concurrent_gets: int,
         config: S3Config | None,
         run: OutputRun | None,
+        progress: ProgressFolder | None,
     ) -> None:
         self._run = run
+        self._progress = progress
+        self._planned_for: object = None
         self._input = input_root
         self._output = output_root
         self._settings = settings
@@ -151,7 +157,7 @@ class _WriteShardFn(beam.DoFn):
     def _name(self, split: str, bucket: int, all_groups: list) -> str:
         if all_groups is not self._names_of:
             by_split = collections.defaultdict(list)
-            for s, b in all_groups:
+            for (s, b), _count in all_groups:
                 by_split[s].append(b)
             self._names = {
                 (s, b): shard_name(s, i, len(bs))
@@ -187,7 +193,12 @@ class _WriteShardFn(beam.DoFn):
     def process(self, group, all_groups: list):
         (split, bucket), batches = group
         name = self._name(split, bucket, all_groups)
-        started = time.monotonic()
+        task = None
+        if self._progress is not None:
+            if all_groups is not self._planned_for:  # the same object per bundle
+                self._progress.set_total(sum(count for _key, count in all_groups))
+                self._planned_for = all_groups
+            task = self._progress.task(name)
         stats = _Stats()
         fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
         os.close(fd)
@@ -196,6 +207,8 @@ class _WriteShardFn(beam.DoFn):
             window = 2 * self._threads
             results = _in_order(self._pool, self._fetch_convert, ordered, window)
             for item, result in zip(ordered, results):
+                if task:
+                    task.add(1)
                 if isinstance(result, Rejection):
                     yield pvalue.TaggedOutput(REJECTED, count_rejection(result))
                     continue
@@ -217,13 +230,8 @@ class _WriteShardFn(beam.DoFn):
             "height": stats.height,
             "width": stats.width,
         }
-        elapsed = time.monotonic() - started
-        print(
-            f"[convert] {name}: {stats.examples} images, {info.get('bytes', 0) / 1e6:.1f} MB"
-            f" in {elapsed:.1f} s ({stats.examples / max(elapsed, 1e-9):.0f} images/s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if task:
+            task.finish()
         self._pending.append((move, info))
         yield from self._moved(keep=_MAX_PENDING_MOVES)
 
@@ -270,6 +278,8 @@ class WriteShards(beam.PTransform):
         config: S3 client settings.
         run: the run holding the output's lease: each shard is marked as its own
             before it is moved in (:func:`transforms.commit.mark_written`).
+        progress: where to report the planned images and, per shard, those done
+            (converted or rejected), if anywhere.
 
     Returns:
         A dict: ``"shards"`` (info dicts: split, file, examples, bytes, sha256, stats) and
@@ -285,16 +295,23 @@ class WriteShards(beam.PTransform):
         max_concurrent_gets: int = 16,
         config: S3Config | None = None,
         run: OutputRun | None = None,
+        progress: ProgressFolder | None = None,
     ) -> None:
         super().__init__()
         self._fn = _WriteShardFn(
-            input_root, output_root, settings, compression, max_concurrent_gets, config, run
-        )
+            input_root, output_root, settings, compression, max_concurrent_gets, config, run,
+            progress,
+        )  # fmt: skip
 
     def expand(self, groups):
-        # [(split, bucket)]: the non-empty shard groups, to number shards without gaps.
-        keys = groups | "GroupKeys" >> beam.Keys() | "AllGroupKeys" >> beam.combiners.ToList()
+        # [((split, bucket), references)]: the non-empty shard groups, to number shards
+        # without gaps, and their sizes, the planned total for progress.
+        sizes = (
+            groups
+            | "GroupSizes" >> beam.MapTuple(lambda key, lists: (key, sum(map(len, lists))))
+            | "AllGroupSizes" >> beam.combiners.ToList()
+        )
         written = groups | "ConvertAndWrite" >> beam.ParDo(
-            self._fn, pvalue.AsSingleton(keys)
+            self._fn, pvalue.AsSingleton(sizes)
         ).with_outputs(REJECTED, main="shards")
         return {"shards": written.shards, "rejected": written[REJECTED]}

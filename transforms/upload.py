@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
-import sys
 import threading
-import time
+import uuid
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.progress import ProgressFolder
 from transforms.uploader import (
     FAILED,
     FileResult,
@@ -28,64 +28,9 @@ from transforms.uploader import (
     UploadSettings,
 )
 
-__all__ = ["METRICS_NAMESPACE", "Progress", "Summarize", "UploadFiles"]
+__all__ = ["METRICS_NAMESPACE", "Summarize", "UploadFiles"]
 
 METRICS_NAMESPACE = "upload"
-
-
-class Progress:
-    """Files and bytes done against the planned totals, printed to stderr every few
-    seconds. One per process: every DoFn instance of a worker adds to it."""
-
-    _instance: Progress | None = None
-    _instance_lock = threading.Lock()
-
-    def __init__(self, interval_s: float = 2.0, stream=None) -> None:
-        self._lock = threading.Lock()
-        self._interval = interval_s
-        self._stream = stream
-        self.reset("", (0, 0))
-
-    @classmethod
-    def shared(cls) -> Progress:
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-    def reset(self, run_id: str, totals: tuple[int, int]) -> None:
-        with self._lock:
-            self.run_id = run_id
-            self.totals = tuple(totals)
-            self.files = self.bytes = 0
-            self.started = self._last = time.monotonic()
-
-    def set_totals(self, run_id: str, totals: tuple[int, int]) -> None:
-        if (run_id, tuple(totals)) != (self.run_id, self.totals):
-            self.reset(run_id, totals)
-
-    def add(self, size: int) -> None:
-        with self._lock:
-            self.files += 1
-            self.bytes += size
-            now = time.monotonic()
-            if now - self._last < self._interval and self.files != self.totals[0]:
-                return
-            self._last = now
-            line = self.line(now)
-        print(line, file=self._stream or sys.stderr, flush=True)
-
-    def line(self, now: float) -> str:
-        total_files, total_bytes = self.totals
-        elapsed = max(now - self.started, 1e-9)
-        rate = self.bytes / elapsed
-        left = max(total_bytes - self.bytes, 0)
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        return (
-            f"[upload] {self.files:,}/{total_files:,} files, "
-            f"{self.bytes / 1e6:,.1f}/{total_bytes / 1e6:,.1f} MB, "
-            f"{rate / 1e6:.1f} MB/s, {self.files / elapsed:.0f} files/s, ETA {eta}"
-        )
 
 
 class _UploadFn(beam.DoFn):
@@ -93,11 +38,12 @@ class _UploadFn(beam.DoFn):
 
     Each element is handed to a thread pool as it arrives; results are emitted as the
     oldest finish, so a bundle keeps ``concurrency`` uploads running until its end.
+    Files and bytes done are reported per bundle to the progress folder, if any.
     """
 
-    def __init__(self, settings: UploadSettings, totals: tuple[int, int]) -> None:
+    def __init__(self, settings: UploadSettings, progress: ProgressFolder | None) -> None:
         self._s = settings
-        self._totals = totals
+        self._progress_folder = progress
         counter = beam.metrics.Metrics.counter
         self._counters = {
             status: counter(METRICS_NAMESPACE, f"files_{status}")
@@ -108,7 +54,8 @@ class _UploadFn(beam.DoFn):
 
     def setup(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(self._s.concurrency)
-        self._progress = Progress.shared()
+        self._id = uuid.uuid4().hex[:16]
+        self._bundles = 0
         self._retries_lock = threading.Lock()
         self._uploader = Uploader(self._s, on_retry=self._count_retry)
 
@@ -120,7 +67,10 @@ class _UploadFn(beam.DoFn):
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._in_flight = 0
         self._retries = 0
-        self._progress.set_totals(self._s.run_id, self._totals)
+        self._bundles += 1
+        self._progress = None
+        if self._progress_folder is not None:
+            self._progress = self._progress_folder.task(f"{self._id}-{self._bundles}")
 
     def _count_retry(self) -> None:
         # Called from pool threads, where Beam's metrics container is not set: counted
@@ -147,12 +97,15 @@ class _UploadFn(beam.DoFn):
         with self._retries_lock:
             if self._retries:  # a zero would show as a counter on some runners only
                 self._retried.inc(self._retries)
+        if self._progress is not None:
+            self._progress.finish()
 
     def _finish(self, result: FileResult) -> FileResult:
         self._counters[result.status].inc()
         if result.status == "uploaded":
             self._bytes_uploaded.inc(result.size)
-        self._progress.add(result.size)
+        if self._progress is not None:
+            self._progress.add(1, result.size)
         return result
 
 
@@ -161,19 +114,21 @@ class UploadFiles(beam.PTransform):
 
     Args:
         settings: where to, how many in flight, filters, encryption.
-        totals: files and bytes planned, for progress.
+        progress: where to report the files and bytes done, if anywhere.
 
     Returns:
         A :class:`~transforms.uploader.FileResult` per file.
     """
 
-    def __init__(self, settings: UploadSettings, totals: tuple[int, int]) -> None:
+    def __init__(
+        self, settings: UploadSettings, progress: ProgressFolder | None = None
+    ) -> None:
         super().__init__()
         self._settings = settings
-        self._totals = totals
+        self._progress = progress
 
     def expand(self, files):
-        return files | "Upload" >> beam.ParDo(_UploadFn(self._settings, self._totals))
+        return files | "Upload" >> beam.ParDo(_UploadFn(self._settings, self._progress))
 
 
 class _SummaryFn(beam.CombineFn):

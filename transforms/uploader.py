@@ -113,7 +113,6 @@ class UploadSettings(NamedTuple):
     sse: str = ""
     sse_kms_key_id: str = ""
     storage_class: str = ""
-    run_id: str = ""  # progress restarts when it changes (several runs in one process)
 
     def extra_args(self) -> dict[str, str]:
         extra = {}

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
-import sys
 import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -30,6 +30,8 @@ import botocore.exceptions
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from transforms import s3, storage
+from transforms.host import quiet_tensorflow_import
+from transforms.progress import ProgressFolder
 from transforms.s3 import S3Config
 
 __all__ = [
@@ -220,9 +222,8 @@ def parse_example(record: bytes) -> dict[str, Any]:
         ValueError: the record is not an Example or lacks a feature of the contract.
     """
     from google.protobuf.message import DecodeError
-    from tensorflow.core.example import example_pb2
 
-    example = example_pb2.Example()
+    example = _example_pb2().Example()
     try:
         example.ParseFromString(record)
     except DecodeError as e:
@@ -245,6 +246,13 @@ def parse_example(record: bytes) -> dict[str, Any]:
     return out
 
 
+@functools.cache
+def _example_pb2():
+    with quiet_tensorflow_import():
+        from tensorflow.core.example import example_pb2
+    return example_pb2
+
+
 def _decode_image(data: bytes) -> tuple[int, int]:
     """Decodes every pixel (``verify()`` misses truncation; ``load()`` does not)."""
     from PIL import Image
@@ -264,11 +272,19 @@ def _short(error: BaseException) -> str:
 class _VerifyShardFn(beam.DoFn):
     """(split, manifest shard entry) -> ShardCheck."""
 
-    def __init__(self, root: str, labels: list[str], compression: str, config) -> None:
+    def __init__(
+        self,
+        root: str,
+        labels: list[str],
+        compression: str,
+        config,
+        progress: ProgressFolder | None = None,
+    ) -> None:
         self._root = root
         self._labels = labels
         self._compression = compression
         self._config = config
+        self._progress = progress
         self._passed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shards_passed")
         self._failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "shards_failed")
         self._records = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "records_read")
@@ -277,6 +293,7 @@ class _VerifyShardFn(beam.DoFn):
 
     def _check(self, split: str, entry: dict) -> ShardCheck:
         uri = storage.join(self._root, entry["file"])
+        task = self._progress.task(entry["file"]) if self._progress else None
         problems: list[str] = []
         counts: collections.Counter[str] = collections.Counter()
         records = decoded = 0
@@ -296,6 +313,8 @@ class _VerifyShardFn(beam.DoFn):
             try:
                 for record in _records(hashing, self._compression):
                     records += 1
+                    if task:
+                        task.add(1)
                     try:
                         features = parse_example(record)
                         label = features["image/class/label"]
@@ -319,6 +338,8 @@ class _VerifyShardFn(beam.DoFn):
             except Exception as e:  # noqa: BLE001 - framing, CRC, gzip
                 problem(f"unreadable after {records} records: {_short(e)}")
                 hashing.drain()
+        if task:
+            task.finish()
         self._records.inc(records)
         self._images.inc(decoded)
         self._bytes.inc(hashing.size)
@@ -338,7 +359,6 @@ class _VerifyShardFn(beam.DoFn):
         # A body cut mid-stream is retried by reading the shard again from the start.
         check = s3.body_retries(self._check, split, entry)
         (self._passed if check.ok else self._failed).inc()
-        print(f"[verify] {check.line()}", file=sys.stderr, flush=True)
         yield check
 
 
@@ -374,16 +394,24 @@ class VerifyShards(beam.PTransform):
         root: the dataset prefix (``s3://`` or local).
         info: the validated manifest (``tfdata_reader.load_info``).
         config: S3 client settings.
+        progress: where to report the records read, per shard, if anywhere.
 
     Returns:
         A PCollection of :class:`ShardCheck`, one per listed shard.
     """
 
-    def __init__(self, root: str, info: dict, config: S3Config | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        info: dict,
+        config: S3Config | None = None,
+        progress: ProgressFolder | None = None,
+    ) -> None:
         super().__init__()
         self._root = root
         self._info = info
         self._config = config
+        self._progress = progress
 
     def expand(self, pbegin):
         info = self._info
@@ -395,7 +423,11 @@ class VerifyShards(beam.PTransform):
             | "VerifyShard"
             >> beam.ParDo(
                 _VerifyShardFn(
-                    self._root, info["labels"], info.get("compression", ""), self._config
+                    self._root,
+                    info["labels"],
+                    info.get("compression", ""),
+                    self._config,
+                    self._progress,
                 )
             )
         )
