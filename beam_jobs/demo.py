@@ -14,9 +14,10 @@ import os
 import shutil
 import tempfile
 
-from beam_jobs import convert, local_s3
+from beam_jobs import convert, local_s3, logs
 from beam_jobs.sample_data import write_sample_tree
 from transforms import s3, storage
+from transforms.host import quiet_tensorflow_import
 
 BUCKET = "demo-images"
 DEFAULT_KEEP = "local_run/dataset"
@@ -24,8 +25,10 @@ DEFAULT_KEEP = "local_run/dataset"
 
 def _show_records(uri: str, count: int = 3) -> None:
     """Reads the first records of one shard with Beam's S3 filesystem and TF's parser."""
-    import tensorflow as tf
     from apache_beam.io.filesystems import FileSystems
+
+    with quiet_tensorflow_import():
+        import tensorflow as tf
 
     with FileSystems.open(uri) as f, tempfile.NamedTemporaryFile(suffix=".tfrecord") as tmp:
         shutil.copyfileobj(f, tmp)
@@ -51,7 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", default=DEFAULT_KEEP, help="local copy of the dataset")
     args, beam_args = parser.parse_known_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp, local_s3.running() as server:
+    with (
+        logs.configured("demo"),  # the convert job's progress, and quiet libraries
+        tempfile.TemporaryDirectory() as tmp,
+        local_s3.running() as server,
+    ):
         print(f"Local S3 server at {server.endpoint} (moto, stopped at the end)")
         counts = write_sample_tree(os.path.join(tmp, "images"), per_class=args.per_class)
         s3.client().create_bucket(Bucket=BUCKET)
