@@ -128,7 +128,7 @@ def configured(job: str, verbosity: int = DEFAULT) -> Iterator[None]:
     if verbosity == VERBOSE:  # Beam's INFO records are hundreds of lines per job
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
     logging.captureWarnings(True)
-    progress.use_terminal(sys.stderr.isatty())
+    progress.use_terminal(verbosity > QUIET and sys.stderr.isatty())
     try:
         yield
     finally:

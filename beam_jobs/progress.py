@@ -6,7 +6,7 @@ Out: on a terminal, a live bar on stderr (``rich``); otherwise one line on the
 ``beam_jobs.progress`` logger every :data:`LINE_EVERY_S` seconds or 10 % of the work,
 and a last one at the end::
 
-    convert: 1,200/4,000 images (30%), 310 images/s, ETA 9 s
+    convert: 1,200/4,000 images (30%), 310 images/s, ETA 9.0 s
 
 Nothing is polled or shown when that logger does not show INFO records (``-q``, or a
 program that calls the jobs without configuring logging).
@@ -34,7 +34,7 @@ POLL_S = 2.0
 LINE_EVERY_S = 10.0
 _LINE_EVERY_FRACTION = 0.1
 
-# Set by the command line (beam_jobs.common) when stderr is a terminal: the live bar
+# Set by the command line (beam_jobs.logs) when stderr is a terminal: the live bar
 # draws there. Unset, progress goes to LOGGER as lines.
 _terminal: dict[str, object] = {}
 
