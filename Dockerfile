@@ -17,11 +17,13 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 COPY setup.py MANIFEST.in README.md ./
+COPY s3tfr ./s3tfr
 COPY beam_jobs ./beam_jobs
 COPY transforms ./transforms
 COPY tfdata_reader ./tfdata_reader
+COPY runners ./runners
 RUN pip install --no-cache-dir --no-deps . \
-    && python -c "import beam_jobs.convert, beam_jobs.upload, beam_jobs.analyze, transforms, tfdata_reader"
+    && python -c "import s3tfr, beam_jobs.convert, beam_jobs.upload, beam_jobs.analyze, runners.dask, tfdata_reader"
 
 # Workers run Beam's boot (the base image's ENTRYPOINT); nothing to override. The same
 # image also runs a Dask worker: docker run IMAGE ... with --entrypoint dask.

@@ -51,12 +51,12 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 cmd=${1:-demo}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
-  demo) exec "$VENV/bin/python" -m beam_jobs.demo "$@" ;;
+  demo) exec "$VENV/bin/python" -m devtools.demo "$@" ;;
   test) ensure_chromium; exec "$VENV/bin/python" -m pytest tests "$@" ;;
   convert|upload|analyze|inspect) exec "$VENV/bin/python" -m "beam_jobs.$cmd" "$@" ;;
   -h|--help|help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
   --runner=FlinkRunner|--runner=SparkRunner)
     exec "$VENV/bin/python" -m engines "$cmd" "$@" ;;
-  --*) exec "$VENV/bin/python" -m beam_jobs.demo "$cmd" "$@" ;;
+  --*) exec "$VENV/bin/python" -m devtools.demo "$cmd" "$@" ;;
   *) echo "run_local.sh: unknown command '$cmd' (try: demo, test, convert, upload, analyze, inspect, help)" >&2; exit 2 ;;
 esac

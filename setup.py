@@ -11,10 +11,15 @@ on top of the worker image (Dockerfile), which already holds every extra.
 """
 
 import pathlib
+import re
 
 import setuptools
 
 HERE = pathlib.Path(__file__).parent
+# The one version string, read without importing the package.
+VERSION = re.search(
+    r'^VERSION = "(.+)"$', (HERE / "s3tfr" / "contract.py").read_text(), re.MULTILINE
+)[1]
 
 # The reader streams shards with TensorFlow and boto3 and checks TFRecord CRCs.
 RUNTIME = [
@@ -42,13 +47,13 @@ DEV = [
 
 setuptools.setup(
     name="s3-tfrecords",
-    version="0.1.0",
+    version=VERSION,
     description="S3 image folders to sharded TFRecords with Apache Beam, and a tf.data reader",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(
-        include=["s3tfr*", "beam_jobs*", "transforms*", "tfdata_reader*"]
+        include=["s3tfr*", "beam_jobs*", "transforms*", "tfdata_reader*", "runners*"]
     ),
     install_requires=RUNTIME,
     extras_require={"beam": BEAM, "dask": DASK, "dev": DEV},

@@ -30,11 +30,11 @@ from beam_jobs.common import (
     pipeline_options,
     s3_config,
 )
-from tfdata_reader.manifest import DatasetError, load_info
-from tfdata_reader.transform import ANALYSIS_FILE
-from transforms import storage
-from transforms.host import quiet_tensorflow_import
-from transforms.s3 import S3Config
+from s3tfr import storage
+from s3tfr.contract import ANALYSIS_FILE
+from s3tfr.host import quiet_tensorflow_import
+from s3tfr.manifest import DatasetError, load_info
+from s3tfr.s3 import S3Config
 
 DESCRIPTION = """\
 Compute dataset statistics of a converted dataset with tensorflow-transform

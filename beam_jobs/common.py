@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from beam_jobs import logs
 from s3tfr.errors import JobFailed, UserError
-from transforms.host import usable_cpus
-from transforms.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
+from s3tfr.host import usable_cpus
+from s3tfr.s3 import DEFAULT_MAX_ATTEMPTS, S3Config
 
 if TYPE_CHECKING:
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -42,8 +42,8 @@ __all__ = [
 
 # Beam knows DaskRunner only by its module path, and its own DaskRunner mixes a ParDo's
 # tagged outputs (every job has some) and reports no metrics: both names run the fixed
-# subclass in beam_jobs/dask_runner.py.
-DASK_RUNNER = "beam_jobs.dask_runner.DaskRunner"
+# subclass in runners/dask.py.
+DASK_RUNNER = "runners.dask.DaskRunner"
 RUNNER_ALIASES = {
     "DaskRunner": DASK_RUNNER,
     "apache_beam.runners.dask.dask_runner.DaskRunner": DASK_RUNNER,

@@ -33,8 +33,10 @@ from beam_jobs.common import (
     pool_for,
     s3_config,
 )
-from tfdata_reader.manifest import load_info, s3_error
-from transforms import s3, storage
+from s3tfr import s3, storage
+from s3tfr.contract import TOOL
+from s3tfr.manifest import load_info, s3_error
+from s3tfr.s3 import S3Config
 from transforms.commit import (
     ForeignFile,
     Lease,
@@ -48,7 +50,6 @@ from transforms.images import DEFAULT_MAX_PIXELS, estimated_encoded_bytes, parse
 from transforms.listing import METRICS_NAMESPACE, ListImages
 from transforms.manifest import AccountingError, WriteDatasetInfo
 from transforms.progress import ProgressFolder
-from transforms.s3 import S3Config
 from transforms.sharding import AssignShards
 from transforms.tfrecords import WriteShards
 
@@ -63,7 +64,6 @@ example:
 
 __all__ = ["ConvertOptions", "main", "run"]
 
-TOOL = {"name": "s3-tfrecords", "version": "0.1.0"}
 DEFAULT_VALIDATION_FRACTION = 0.1
 DEFAULT_SPLIT_SALT = "s3-tfrecords"
 DEFAULT_RESIZE = "none"

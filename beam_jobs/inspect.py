@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import sys
 
 import apache_beam as beam
@@ -30,12 +29,11 @@ from beam_jobs.common import (
     pipeline_options,
     s3_config,
 )
-from tfdata_reader import DatasetError, load_info
-from tfdata_reader.manifest import s3_error
-from transforms import storage
-from transforms.host import quiet_tensorflow_import
-from transforms.s3 import S3Config
-from transforms.tfrecords import SHARD_NAME_PATTERN
+from s3tfr import storage
+from s3tfr.contract import REJECTED_FILE, SHARD_NAME_RE
+from s3tfr.host import quiet_tensorflow_import
+from s3tfr.manifest import DatasetError, load_info, s3_error
+from s3tfr.s3 import S3Config
 from transforms.verify import METRICS_NAMESPACE, VerifyShards, check_splits, shard_tasks
 
 DESCRIPTION = """\
@@ -48,7 +46,6 @@ example:
 
 __all__ = ["InspectOptions", "main", "read_rejected", "run", "summary"]
 
-REJECTED_FILE = "rejected.jsonl"
 DEFAULT_SAMPLES_PER_CLASS = 8
 DEFAULT_TOP_REJECTED = 3
 # Flags of this job that take no value: a word after them is the dataset, not their value.
@@ -114,7 +111,7 @@ def _unlisted_shards(root: str, info: dict, config: S3Config | None) -> list[str
     """Shard-named files the manifest does not list (say, of an interrupted rerun)."""
     listed = {entry["file"] for _split, entry in shard_tasks(info)}
     names = storage.list_files(root, config)
-    return sorted(n for n in names if re.fullmatch(SHARD_NAME_PATTERN, n) and n not in listed)
+    return sorted(n for n in names if SHARD_NAME_RE.fullmatch(n) and n not in listed)
 
 
 def summary(root: str, info: dict, rejected: list[dict], top: int = DEFAULT_TOP_REJECTED) -> str:

@@ -23,9 +23,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from transforms import storage
+from s3tfr import storage
+from s3tfr.s3 import S3Config
 from transforms.progress import ProgressFolder
-from transforms.s3 import S3Config
 
 __all__ = ["LOGGER", "Bar", "temporary_folder", "use_terminal", "watch"]
 

@@ -33,8 +33,9 @@ import botocore.exceptions
 
 from beam_jobs import progress
 from beam_jobs.common import UserError, add_verbosity_help, cli_main, pool_for
-from transforms import s3, storage, uploader
-from transforms.s3 import S3Config
+from s3tfr import s3, storage
+from s3tfr.s3 import S3Config
+from transforms import uploader
 from transforms.uploader import Plan, UploadSettings
 
 if TYPE_CHECKING:

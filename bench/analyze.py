@@ -31,9 +31,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_jobs.sample_data import write_photo_tree
 from bench.convert import first_images, photo_tree, run_job
-from tfdata_reader.manifest import MANIFEST
+from devtools.sample_data import write_photo_tree
+from s3tfr.contract import MANIFEST
 
 
 def _children_cpu() -> float:

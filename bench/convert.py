@@ -45,13 +45,13 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_jobs import local_s3
-from beam_jobs.sample_data import write_photo_tree
 from bench.servers import proxied_s3
 from bench.startup import beam_import_seconds
-from transforms import storage
+from devtools import local_s3
+from devtools.sample_data import write_photo_tree
+from s3tfr import storage
+from s3tfr.host import keep_freed_heap
 from transforms.examples import ConvertSettings
-from transforms.host import keep_freed_heap
 from transforms.images import parse_resize
 
 BUCKET = "bench-convert"

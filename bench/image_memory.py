@@ -44,7 +44,7 @@ RESIZES = ("none", "crop:224x224")
 _CHILD = r"""
 import importlib.util, json, sys, time
 sys.path.insert(0, sys.argv[1])
-from transforms.host import keep_freed_heap
+from s3tfr.host import keep_freed_heap
 keep_freed_heap()
 if sys.argv[2]:
     spec = importlib.util.spec_from_file_location("images_under_test", sys.argv[2])

@@ -22,10 +22,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from beam_jobs import local_s3
-from beam_jobs.s3proxy import S3Proxy
-from beam_jobs.sample_data import write_photo_tree
-from transforms import s3
+from devtools import local_s3
+from devtools.s3proxy import S3Proxy
+from devtools.sample_data import write_photo_tree
+from s3tfr import s3
 
 BUCKET = "bench-load"
 

@@ -463,7 +463,7 @@ def steady_rate(ds, warmup: int, batches: int) -> dict:
 
 def read_section(args, dataset: str, src: str, ray: str | None, workers: int) -> dict:
     import tfdata_reader
-    from tfdata_reader.manifest import load_info, shard_uris
+    from s3tfr.manifest import load_info, shard_uris
 
     files = [path for path, _ in shard_uris(load_info(dataset), dataset, "train")]
     pipelines = {

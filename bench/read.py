@@ -43,12 +43,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf
 
 import tfdata_reader
-from beam_jobs import convert, local_s3, sample_data
+from beam_jobs import convert
 from bench.servers import proxied_s3
+from devtools import local_s3, sample_data
+from s3tfr import s3
+from s3tfr.s3 import S3Config
 from tfdata_reader import ShardCache, ops
 from tfdata_reader.images import list_images
-from transforms import s3
-from transforms.s3 import S3Config
 
 BUCKET = "bench-reader"
 

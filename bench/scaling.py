@@ -73,7 +73,7 @@ def run_dask(args: list[str], workers: int) -> float:
     import dask
     import distributed
 
-    from beam_jobs.dask_runner import WORKER_CONFIG
+    from runners.dask import WORKER_CONFIG
 
     with (
         dask.config.set(WORKER_CONFIG),

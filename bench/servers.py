@@ -18,8 +18,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-from beam_jobs import local_s3
-from transforms import s3
+from devtools import local_s3
+from s3tfr import s3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ProxiedS3:
 @contextlib.contextmanager
 def proxied_s3(latency_ms: float, bucket: str) -> Iterator[ProxiedS3]:
     """Starts both for the block, with ``bucket`` created, and exports the server's
-    environment (:func:`beam_jobs.local_s3.environment`) meanwhile."""
+    environment (:func:`devtools.local_s3.environment`) meanwhile."""
     endpoint = f"http://127.0.0.1:{local_s3.free_port()}"
     saved = dict(os.environ)
     os.environ.update(local_s3.environment(endpoint))
@@ -51,7 +51,7 @@ def proxied_s3(latency_ms: float, bucket: str) -> Iterator[ProxiedS3]:
         stderr=subprocess.DEVNULL,  # one log line per request
     )  # fmt: skip
     proxy = subprocess.Popen(
-        [sys.executable, "-m", "beam_jobs.s3proxy", endpoint, "--latency_ms", str(latency_ms)],
+        [sys.executable, "-m", "devtools.s3proxy", endpoint, "--latency_ms", str(latency_ms)],
         stdout=subprocess.PIPE,
         text=True,
     )

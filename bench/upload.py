@@ -31,12 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from beam_jobs import sample_data
 from beam_jobs.upload import DEFAULT_CONCURRENCY
 from bench.servers import proxied_s3
 from bench.startup import beam_import_seconds
-from transforms import s3
-from transforms.s3 import S3Config
+from devtools import sample_data
+from s3tfr import s3
+from s3tfr.s3 import S3Config
 
 CACHE = os.path.expanduser("~/.cache/s3tfr-bench")
 AWSCLI_VENV = os.path.join(CACHE, "awscli-venv")

@@ -2,7 +2,7 @@
 
 Starts the engine the runner names (a Flink session cluster or a Spark standalone
 cluster on 127.0.0.1, with Beam's job server; fetched into ``.engines/`` on first use),
-runs the demo (``beam_jobs.demo``) against it with the SDK workers in this process
+runs the demo (``devtools.demo``) against it with the SDK workers in this process
 (``LOOPBACK``), and stops the cluster.
 
     python -m engines --runner=FlinkRunner [demo options]
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from beam_jobs import demo
+from devtools import demo
 from engines import clusters
 
 ENGINES = {"FlinkRunner": "flink", "SparkRunner": "spark"}

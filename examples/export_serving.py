@@ -26,14 +26,9 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tfdata_reader
+from s3tfr.contract import IMAGE_KEY, LABEL_VOCABULARY, PIXEL_MEAN_KEY, PIXEL_STD_KEY
 from tfdata_reader import ops, transform
-from tfdata_reader.transform import (
-    IMAGE_KEY,
-    LABEL_VOCABULARY,
-    PIXEL_MEAN_KEY,
-    PIXEL_STD_KEY,
-    normalize_pixels,
-)
+from tfdata_reader.transform import normalize_pixels
 
 __all__ = ["ServingModule", "export_serving_model", "small_model"]
 

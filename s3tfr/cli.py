@@ -4,12 +4,13 @@ with an ImportError."""
 
 import sys
 
-from s3tfr import UserError, _job_module
+from s3tfr.api import job_module
+from s3tfr.errors import UserError
 
 
 def _main(job: str) -> None:
     try:
-        module = _job_module(job)
+        module = job_module(job)
     except UserError as e:
         print(f"{job}: error: {e}", file=sys.stderr)
         sys.exit(2)

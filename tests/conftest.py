@@ -14,9 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
-from beam_jobs import local_s3
-from beam_jobs.s3proxy import S3Proxy
-from transforms import s3
+from devtools import local_s3
+from devtools.s3proxy import S3Proxy
+from s3tfr import s3
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,14 @@ import tensorflow as tf
 from tensorflow_transform.beam import tft_unit
 from tensorflow_transform.tf_metadata import dataset_metadata
 
-from beam_jobs import analyze, convert, sample_data
+from beam_jobs import analyze, convert
 from beam_jobs.common import UserError
-from beam_jobs.local_s3 import put_tree
+from devtools import sample_data
+from devtools.local_s3 import put_tree
 from examples.export_serving import export_serving_model, small_model
+from s3tfr import s3, storage
 from tfdata_reader import DatasetError, load_info, make_dataset
 from tfdata_reader import transform as reader_transform
-from transforms import s3, storage
 from transforms.analyze import make_preprocessing_fn, raw_schema
 from transforms.verify import iter_records, parse_example
 

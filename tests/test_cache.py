@@ -19,13 +19,14 @@ import moto.settings
 import pytest
 import tensorflow as tf
 
-from beam_jobs import convert, sample_data
+from beam_jobs import convert
 from beam_jobs import inspect as inspect_job
-from beam_jobs.local_s3 import put_tree
+from devtools import sample_data
+from devtools.local_s3 import put_tree
+from s3tfr import s3
+from s3tfr.contract import MANIFEST
+from s3tfr.s3 import S3Config
 from tfdata_reader import DatasetError, ReaderStats, ShardCache, load_info, make_dataset
-from tfdata_reader.manifest import MANIFEST
-from transforms import s3
-from transforms.s3 import S3Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (8, 8)

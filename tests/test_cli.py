@@ -12,7 +12,7 @@ import pytest
 
 from beam_jobs import analyze, convert, inspect
 from beam_jobs.common import UserError
-from beam_jobs.sample_data import write_sample_tree
+from devtools.sample_data import write_sample_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,10 +19,12 @@ import pytest
 
 from beam_jobs import convert
 from beam_jobs.common import UserError
-from beam_jobs.local_s3 import put_tree
-from beam_jobs.sample_data import write_sample_tree
-from tfdata_reader.manifest import MANIFEST, load_info
-from transforms import commit, s3, storage
+from devtools.local_s3 import put_tree
+from devtools.sample_data import write_sample_tree
+from s3tfr import s3, storage
+from s3tfr.contract import MANIFEST
+from s3tfr.manifest import load_info
+from transforms import commit
 from transforms.commit import Lease, LeaseLost, OutputBusy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

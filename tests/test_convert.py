@@ -18,13 +18,14 @@ from PIL import Image
 
 from beam_jobs import convert
 from beam_jobs.common import UserError, counters
-from beam_jobs.local_s3 import put_tree
-from beam_jobs.sample_data import encode, photo_like, write_sample_tree
-from transforms import storage
+from devtools.local_s3 import put_tree
+from devtools.sample_data import encode, photo_like, write_sample_tree
+from s3tfr import storage
+from s3tfr.contract import MANIFEST
 from transforms.commit import Lease, mark_written
 from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
-from transforms.manifest import MANIFEST, AccountingError, commit_dataset
+from transforms.manifest import AccountingError, commit_dataset
 from transforms.records import ImageRef, Rejection, ShardItem, key_hash
 from transforms.sharding import AssignShards, num_shards
 from transforms.tfds_metadata import TFDS_FILES
@@ -388,7 +389,7 @@ def test_split_from_dirs_labels_file_and_gzip(tmp_path):
     ],
 )
 def test_user_errors_are_one_clear_line(s3_bucket, tmp_path, capsys, make_args, message):
-    from transforms import s3
+    from s3tfr import s3
 
     s3.put_bytes(s3_bucket, "flat/a.jpg", b"x")
     s3.put_bytes(s3_bucket, "images/cat/a.jpg", b"x")

@@ -21,12 +21,12 @@ import pytest
 
 from beam_jobs import analyze, convert, inspect, upload
 from beam_jobs.common import counters
-from beam_jobs.local_s3 import put_tree
-from beam_jobs.sample_data import write_sample_tree
+from devtools.local_s3 import put_tree
+from devtools.sample_data import write_sample_tree
 from engines import clusters
+from s3tfr import s3, storage
 from tests.test_analyze import _check_statistics
 from tests.test_runners import CONVERT_ARGS, PER_CLASS, ROOT, _objects, worker_pool
-from transforms import s3, storage
 from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
 from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
 from transforms.verify import METRICS_NAMESPACE as VERIFY_METRICS

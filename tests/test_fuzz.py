@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_jobs.sample_data import encode, photo_like
+from devtools.sample_data import encode, photo_like
 from transforms import images
 from transforms.images import ConvertedImage, ImageError, Resize, convert_image
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from beam_jobs.sample_data import encode, photo_like
+from devtools.sample_data import encode, photo_like
 from transforms import images
 from transforms.examples import ConvertSettings, convert_record
 from transforms.images import ImageError, Resize, convert_image, parse_resize
@@ -433,7 +433,7 @@ def test_any_failure_is_a_rejection_that_holds_nothing(monkeypatch):
 
 _FAULTS_PER_CONVERSION = """
 import os, resource, sys
-from transforms.host import keep_freed_heap
+from s3tfr.host import keep_freed_heap
 from transforms.images import convert_image, parse_resize
 applied = keep_freed_heap() if sys.argv[2] == "keep" else False
 names = sorted(os.listdir(sys.argv[1]))

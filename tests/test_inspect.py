@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beam_jobs import convert, inspect, sample_data
-from beam_jobs.local_s3 import put_tree
-from tfdata_reader.manifest import MANIFEST
+from beam_jobs import convert, inspect
+from devtools import sample_data
+from devtools.local_s3 import put_tree
+from s3tfr.contract import MANIFEST
 
 CLASSES = ("ant", "bee", "wasp")
 PER_CLASS = 6

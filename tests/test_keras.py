@@ -13,11 +13,11 @@ import warnings
 import pytest
 import tensorflow as tf
 
-from beam_jobs import sample_data
-from beam_jobs.local_s3 import put_tree
+from devtools import sample_data
+from devtools.local_s3 import put_tree
+from s3tfr.contract import MANIFEST
 from tests.test_reader import _with_bad_record, convert_sample
 from tfdata_reader import load_info, make_dataset, make_dataset_from_images
-from tfdata_reader.manifest import MANIFEST
 
 SIZE = (16, 16)
 READER_DOC = os.path.join(

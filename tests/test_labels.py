@@ -14,11 +14,11 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_jobs import convert
-from beam_jobs.local_s3 import put_tree
-from beam_jobs.sample_data import encode, photo_like
+from devtools.local_s3 import put_tree
+from devtools.sample_data import encode, photo_like
+from s3tfr import s3, storage
+from s3tfr.manifest import load_info
 from tfdata_reader.images import list_images
-from tfdata_reader.manifest import load_info
-from transforms import s3, storage
 from transforms.listing import ListImages
 
 UNICODE_CLASS = "ünïcödé 猫"

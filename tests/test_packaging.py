@@ -4,8 +4,10 @@ missing, and the documented Python API (``s3tfr.convert(...)`` returning the man
 
 from __future__ import annotations
 
+import ast
 import email.parser
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,9 +16,12 @@ import zipfile
 import pytest
 
 import s3tfr
-from beam_jobs import sample_data
+from devtools import sample_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The packages the wheel installs (setup.py); devtools/, engines/, bench/ and tests/ are
+# development only.
+SHIPPED = ("s3tfr", "beam_jobs", "transforms", "tfdata_reader", "runners")
 
 # Modules only the extras bring: an install without them must still read datasets.
 EXTRA_MODULES = ("apache_beam", "tensorflow_transform", "PIL", "matplotlib", "rich",
@@ -32,14 +37,41 @@ def _requirement_name(line: str) -> str:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> str:
+    # Built from a copy: setuptools leaves build/ in the source tree, and a stale build/lib
+    # (a module since moved or deleted) would otherwise ride along into the wheel.
+    source = tmp_path_factory.mktemp("source")
+    for name in ("setup.py", "README.md", "MANIFEST.in"):
+        shutil.copy(os.path.join(ROOT, name), source)
+    for package in SHIPPED:
+        shutil.copytree(os.path.join(ROOT, package), source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--quiet", "-w", str(out), ROOT],
-        check=True, cwd=ROOT, timeout=300, capture_output=True,
+         "--quiet", "-w", str(out), str(source)],
+        check=True, cwd=source, timeout=300, capture_output=True,
     )  # fmt: skip
     (path,) = out.glob("*.whl")
     return str(path)
+
+
+def test_wheel_ships_the_product_and_no_test_servers(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        modules = [n for n in z.namelist() if n.endswith(".py")]
+        sources = {n: z.read(n).decode() for n in modules}
+    assert {n.split("/")[0] for n in modules} == set(SHIPPED)
+    for name in ("local_s3", "s3proxy", "sample_data", "demo", "conftest"):
+        assert not [n for n in modules if n.endswith(f"/{name}.py")], name
+    # No server of any kind: nothing imports moto or http.server.
+    for name, source in sources.items():
+        imported = {
+            alias.name if isinstance(node, ast.Import) else node.module
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        assert not {m for m in imported if m and m.split(".")[0] == "moto"}, name
+        assert "http.server" not in imported, name
 
 
 def test_wheel_requires_runtime_only_and_offers_extras(wheel):

@@ -20,8 +20,8 @@ import pytest
 from rich.console import Console
 
 from beam_jobs import progress
-from beam_jobs.sample_data import CORRUPT_NAME, write_photo_tree
-from transforms import s3
+from devtools.sample_data import CORRUPT_NAME, write_photo_tree
+from s3tfr import s3
 from transforms.progress import ProgressFolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,13 +24,14 @@ import pytest
 import tensorflow as tf
 
 import tfdata_reader
-from beam_jobs import convert, sample_data
-from beam_jobs.local_s3 import put_tree
+from beam_jobs import convert
+from devtools import sample_data
+from devtools.local_s3 import put_tree
+from s3tfr import s3
+from s3tfr.contract import MANIFEST
+from s3tfr.s3 import S3Config
 from tfdata_reader import DatasetError, ShardCache, load_info, make_dataset, ops
 from tfdata_reader.dataset import ReaderStats
-from tfdata_reader.manifest import MANIFEST
-from transforms import s3
-from transforms.s3 import S3Config
 
 SIZE = (32, 32)
 

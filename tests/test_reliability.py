@@ -41,14 +41,14 @@ from PIL import Image
 
 from beam_jobs import analyze, common, convert
 from beam_jobs.common import UserError
-from beam_jobs.local_s3 import put_tree
-from beam_jobs.s3proxy import FAULTS, S3Proxy
-from beam_jobs.sample_data import encode, photo_like, write_sample_tree
+from devtools.local_s3 import put_tree
+from devtools.s3proxy import FAULTS, S3Proxy
+from devtools.sample_data import encode, photo_like, write_sample_tree
+from s3tfr import s3, storage
+from s3tfr.contract import MANIFEST
+from s3tfr.s3 import S3Config
 from tests.test_upload import _main as _run_upload
 from tfdata_reader import DatasetError, ShardCache, make_dataset
-from tfdata_reader.manifest import MANIFEST
-from transforms import s3, storage
-from transforms.s3 import S3Config
 from transforms.tfds_metadata import TFDS_FILES
 from transforms.verify import iter_records
 

@@ -24,12 +24,12 @@ import pytest
 
 from beam_jobs import analyze, convert, upload
 from beam_jobs.common import counters, pipeline_options
-from beam_jobs.local_s3 import free_port, put_tree
-from beam_jobs.sample_data import write_sample_tree
+from devtools.local_s3 import free_port, put_tree
+from devtools.sample_data import write_sample_tree
+from s3tfr import s3, storage
+from s3tfr.contract import MANIFEST
+from s3tfr.host import usable_cpus
 from tests.test_analyze import _check_statistics
-from tfdata_reader.manifest import MANIFEST
-from transforms import s3, storage
-from transforms.host import usable_cpus
 from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
 from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
 
@@ -139,7 +139,7 @@ def dask_cluster(s3_server, tmp_path_factory):
             _start([sys.executable, "-m", "distributed.cli.dask_worker", address,
                     "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1",
                     "--no-dashboard", "--local-directory", str(tmp),
-                    "--preload", "beam_jobs.dask_runner"],
+                    "--preload", "runners.dask"],
                    env, str(tmp), str(tmp / "workers.log"))
         )  # fmt: skip
         with distributed.Client(address, timeout=START_TIMEOUT_S) as client:
@@ -224,7 +224,7 @@ def test_dask_runner_names_resolve_to_the_fixed_runner(argv):
     from apache_beam.options.pipeline_options import StandardOptions
 
     runner = pipeline_options(argv).view_as(StandardOptions).runner
-    assert runner == "beam_jobs.dask_runner.DaskRunner"
+    assert runner == "runners.dask.DaskRunner"
 
 
 @pytest.mark.parametrize(

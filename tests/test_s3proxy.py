@@ -7,8 +7,8 @@ import os
 import botocore.exceptions
 import pytest
 
-from transforms import s3
-from transforms.s3 import S3Config
+from s3tfr import s3
+from s3tfr.s3 import S3Config
 
 
 def _config(proxy, attempts: int) -> S3Config:

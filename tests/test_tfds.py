@@ -20,11 +20,11 @@ import tensorflow as tf
 from PIL import Image
 
 from beam_jobs import convert, inspect
-from beam_jobs.local_s3 import put_tree
-from beam_jobs.sample_data import write_sample_tree
+from devtools.local_s3 import put_tree
+from devtools.sample_data import write_sample_tree
+from s3tfr import storage
+from s3tfr.contract import LEGACY_MANIFEST, MANIFEST
 from tfdata_reader import DatasetError, load_info, make_dataset
-from tfdata_reader.manifest import LEGACY_MANIFEST, MANIFEST
-from transforms import storage
 from transforms.commit import Lease
 from transforms.tfds_metadata import TFDS_FEATURES, TFDS_FILES, TFDS_INFO, TFDS_LABELS
 

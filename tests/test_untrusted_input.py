@@ -17,9 +17,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from beam_jobs.sample_data import photo_like
-from tfdata_reader.manifest import load_info
-from transforms import storage
+from devtools.sample_data import photo_like
+from s3tfr import storage
+from s3tfr.manifest import load_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "AKIAFUZZ0SECRET0TOKEN0e1b2c3d4"

@@ -14,8 +14,8 @@ import pytest
 
 from beam_jobs import upload
 from beam_jobs.common import counters
-from beam_jobs.sample_data import encode, photo_like, write_sample_tree
-from transforms import s3
+from devtools.sample_data import encode, photo_like, write_sample_tree
+from s3tfr import s3
 from transforms.upload import METRICS_NAMESPACE
 from transforms.uploader import UploadSettings, content_type, plan, selected
 

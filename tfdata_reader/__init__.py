@@ -7,7 +7,7 @@ only inspect a manifest stay fast.
 
 from __future__ import annotations
 
-from tfdata_reader.manifest import DatasetError, load_info, shard_uris, validate_info
+from s3tfr.manifest import DatasetError, load_info, shard_uris, validate_info
 
 __all__ = [
     "Augment",

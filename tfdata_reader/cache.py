@@ -58,11 +58,12 @@ import botocore.exceptions
 import s3transfer.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from tfdata_reader.manifest import MANIFEST, DatasetError, s3_error
-from transforms import s3
-from transforms.s3 import S3Config
+from s3tfr import s3
+from s3tfr.contract import MANIFEST, fd_sha256, file_sha256
+from s3tfr.manifest import DatasetError, s3_error
+from s3tfr.s3 import S3Config
 
-__all__ = ["ShardCache", "default_cache_dir", "file_sha256"]
+__all__ = ["ShardCache", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,6 @@ LOCK_TIMEOUT_S = 60.0
 STALE_PART_S = 60.0
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _PART_RE = re.compile(r"(\d+)-[0-9a-f]{32}\.part")
-_HASH_CHUNK = 4 * 1024 * 1024
 _VERIFY_MODES = ("sha256", "size", "none")
 _RECHECK_MODES = ("sha256", "stat")
 _UNVERIFIED = "unverified"
@@ -96,20 +96,6 @@ def default_cache_dir() -> str:
     return os.environ.get("TFDATA_READER_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "tfdata_reader"
     )
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return _fd_sha256(f.fileno())
-
-
-def _fd_sha256(fd: int) -> str:
-    digest = hashlib.sha256()
-    offset = 0
-    while chunk := os.pread(fd, _HASH_CHUNK, offset):
-        digest.update(chunk)  # hashlib releases the GIL on large buffers
-        offset += len(chunk)
-    return digest.hexdigest()
 
 
 def _check(path: str, entry: dict, verify: str) -> str | None:
@@ -572,7 +558,7 @@ class ShardCache:
                 return "its publish record is for other bytes", st.st_size
             if self.verify != "none" and st.st_size != entry["bytes"]:
                 return f"size {st.st_size} != {entry['bytes']} in the manifest", st.st_size
-            if self.recheck == "sha256" and (digest := _fd_sha256(fd)) != entry["sha256"]:
+            if self.recheck == "sha256" and (digest := fd_sha256(fd)) != entry["sha256"]:
                 return f"sha256 {digest} != {entry['sha256']} in the manifest", st.st_size
             return None, st.st_size
         finally:
@@ -604,7 +590,7 @@ class ShardCache:
             problem = None
             if self.verify != "none" and size != entry["bytes"]:
                 problem = f"size {size} != {entry['bytes']} in the manifest"
-            elif self.verify == "sha256" and (digest := _fd_sha256(fd)) != entry["sha256"]:
+            elif self.verify == "sha256" and (digest := fd_sha256(fd)) != entry["sha256"]:
                 problem = f"sha256 {digest} != {entry['sha256']} in the manifest"
             if problem:
                 self._count("mismatches")

@@ -40,18 +40,13 @@ import botocore.exceptions
 import google_crc32c
 import tensorflow as tf
 
+from s3tfr import s3, storage
+from s3tfr.contract import MANIFEST
+from s3tfr.host import usable_cpus
+from s3tfr.manifest import DatasetError, load_info, s3_error, shard_uris
+from s3tfr.s3 import S3Config
 from tfdata_reader import ops, transform
 from tfdata_reader.cache import ShardCache
-from tfdata_reader.manifest import (
-    MANIFEST,
-    DatasetError,
-    load_info,
-    s3_error,
-    shard_uris,
-)
-from transforms import s3, storage
-from transforms.host import usable_cpus
-from transforms.s3 import S3Config
 
 __all__ = ["ReaderStats", "make_dataset"]
 

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from s3tfr import storage
+from s3tfr.manifest import DatasetError
+from s3tfr.s3 import S3Config
 from tfdata_reader import ops
-from tfdata_reader.manifest import DatasetError
-from transforms import storage
-from transforms.s3 import S3Config
 
 __all__ = ["list_images", "make_dataset_from_images"]
 
@@ -32,7 +32,7 @@ def list_images(
     """``(relative keys, label indices, class names)`` of the images under ``uri``.
 
     Keys are sorted; the class names are every class folder's, sorted, whether or not it
-    holds an image (:func:`transforms.storage.class_folders`).
+    holds an image (:func:`s3tfr.storage.class_folders`).
 
     Raises:
         DatasetError: no candidate image in any class folder.

@@ -20,61 +20,29 @@ transform output, as ``s3tfr_manifest.json`` is of the dataset.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Callable
 from typing import Any
 
+from s3tfr import s3, storage
+from s3tfr.contract import (
+    ANALYSIS_FILE,
+    ANALYSIS_FORMAT_VERSION,
+    TRANSFORM_FN_DIR,
+    TRANSFORMED_METADATA_DIR,
+    split_fingerprint,
+)
+from s3tfr.manifest import DatasetError, load_info, read_json
+from s3tfr.s3 import S3Config
 from tfdata_reader.cache import default_cache_dir
-from tfdata_reader.manifest import DatasetError, load_info, read_json
-from transforms import s3, storage
-from transforms.s3 import S3Config
 
 __all__ = [
-    "ANALYSIS_FILE",
-    "ANALYSIS_FORMAT_VERSION",
-    "CLASS_COUNTS_KEY",
-    "CLASS_WEIGHTS_KEY",
-    "CLASS_WEIGHT_KEY",
-    "IMAGE_KEY",
-    "LABEL_KEY",
-    "LABEL_TEXT_KEY",
-    "LABEL_VOCABULARY",
-    "PIXEL_COUNT_KEY",
-    "PIXEL_MEAN_KEY",
-    "PIXEL_STD_KEY",
-    "TRANSFORMED_LABEL_KEY",
-    "TRANSFORMED_METADATA_DIR",
-    "TRANSFORM_FN_DIR",
     "load_analysis",
     "normalize_pixels",
     "pixel_normalizer",
-    "split_fingerprint",
     "transform_output",
 ]
-
-TRANSFORM_FN_DIR = "transform_fn"
-TRANSFORMED_METADATA_DIR = "transformed_metadata"
-ANALYSIS_FILE = "analysis.json"
-ANALYSIS_FORMAT_VERSION = 1
-LABEL_VOCABULARY = "labels"  # the vocabulary's asset name in the transform output
-
-# Raw features (the data contract's keys) the transform reads.
-IMAGE_KEY = "image/encoded"
-LABEL_KEY = "image/class/label"
-LABEL_TEXT_KEY = "image/class/text"
-# Per-example outputs of the transform besides the copied raw features.
-TRANSFORMED_LABEL_KEY = "label"  # int64: index of the class text in the vocabulary
-CLASS_WEIGHT_KEY = "class_weight"  # float32: inverse-frequency weight of the class
-# Dataset-wide statistics, the same for every example (as tft_unit's own
-# assertAnalyzerOutputs broadcasts analyzer results): the normalisation constants a
-# serving model reads from the transform layer, and what analysis.json records.
-PIXEL_MEAN_KEY = "stats/pixel_mean"  # float32 (3,), 0..255 scale
-PIXEL_STD_KEY = "stats/pixel_std"  # float32 (3,)
-PIXEL_COUNT_KEY = "stats/pixels"  # int64: pixels of all analyzed images
-CLASS_COUNTS_KEY = "stats/class_counts"  # int64 (num_classes,)
-CLASS_WEIGHTS_KEY = "stats/class_weights"  # float32 (num_classes,)
 
 
 def normalize_pixels(images, mean, std):
@@ -85,12 +53,6 @@ def normalize_pixels(images, mean, std):
     values.
     """
     return (images - mean) / std
-
-
-def split_fingerprint(info: dict, split: str) -> str:
-    """A digest of one split's shard list: an analysis belongs to exactly these shards."""
-    shards = info["splits"][split]["shards"]
-    return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
 
 
 def _require(condition: bool, uri: str, what: str) -> None:

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 
 import apache_beam as beam
 
-from tfdata_reader.manifest import MANIFEST, shard_uris
-from tfdata_reader.transform import (
+from s3tfr import storage
+from s3tfr.contract import (
     ANALYSIS_FILE,
     ANALYSIS_FORMAT_VERSION,
     CLASS_COUNTS_KEY,
@@ -45,6 +45,7 @@ from tfdata_reader.transform import (
     LABEL_KEY,
     LABEL_TEXT_KEY,
     LABEL_VOCABULARY,
+    MANIFEST,
     PIXEL_COUNT_KEY,
     PIXEL_MEAN_KEY,
     PIXEL_STD_KEY,
@@ -53,10 +54,10 @@ from tfdata_reader.transform import (
     TRANSFORMED_METADATA_DIR,
     split_fingerprint,
 )
-from transforms import storage
-from transforms.host import quiet_tensorflow_import
+from s3tfr.host import quiet_tensorflow_import
+from s3tfr.manifest import shard_uris
+from s3tfr.s3 import S3Config
 from transforms.progress import ProgressFolder
-from transforms.s3 import S3Config
 from transforms.verify import iter_records
 
 # Last: a worker process that unpickles these stages imports TensorFlow here first.

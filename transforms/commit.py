@@ -51,9 +51,10 @@ from collections.abc import Iterator
 
 import botocore.exceptions
 
-from tfdata_reader.manifest import LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE, is_manifest
-from transforms import s3, storage
-from transforms.s3 import S3Config
+from s3tfr import s3, storage
+from s3tfr.contract import LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE
+from s3tfr.manifest import is_manifest
+from s3tfr.s3 import S3Config
 from transforms.tfds_metadata import TFDS_FILES
 
 __all__ = [

@@ -4,7 +4,7 @@ out, plus a :class:`Rejection` for every listed object that cannot be one, and t
 names.
 
 Classes follow ``tf.keras.utils.image_dataset_from_directory(labels="inferred")``
-(:func:`transforms.storage.is_class_folder`): every folder at the class level whose name
+(:func:`s3tfr.storage.is_class_folder`): every folder at the class level whose name
 does not start with ``.`` is a class, even one that is empty or whose every file is
 rejected (its count is then 0); on S3 a directory-marker object ``<class>/`` alone makes
 such a folder. The class list comes from the folders, never from the images that survive,
@@ -43,9 +43,9 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam import pvalue
 
-from transforms import storage
+from s3tfr import storage
+from s3tfr.s3 import S3Config
 from transforms.records import ImageRef, Rejection
-from transforms.s3 import S3Config
 
 __all__ = [
     "CLASSES",

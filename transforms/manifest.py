@@ -15,25 +15,20 @@ import json
 import apache_beam as beam
 from apache_beam import pvalue
 
-from tfdata_reader.manifest import FORMAT_VERSION, MANIFEST
-from transforms import storage
+from s3tfr import storage
+from s3tfr.contract import FORMAT_VERSION, LABELS, MANIFEST, REJECTED_FILE, shard_name
 from transforms.commit import OutputRun, finish, mark_written
 from transforms.records import Rejection
 from transforms.tfds_metadata import tfds_files
-from transforms.tfrecords import shard_name
 
 __all__ = [
     "FEATURES",
     "FORMAT_VERSION",
-    "LABELS",
     "MANIFEST",
-    "REJECTED_FILE",
     "WriteDatasetInfo",
     "commit_dataset",
 ]
 
-LABELS = "labels.txt"
-REJECTED_FILE = "rejected.jsonl"
 FEATURES = {
     "image/encoded": {"dtype": "string", "description": "encoded image (JPEG or PNG)"},
     "image/format": {"dtype": "string", "description": "jpeg or png"},

@@ -22,8 +22,8 @@ import logging
 import os
 import time
 
-from transforms import s3, storage
-from transforms.s3 import S3Config
+from s3tfr import s3, storage
+from s3tfr.s3 import S3Config
 
 __all__ = ["UPDATE_S", "ProgressFolder", "TaskProgress"]
 

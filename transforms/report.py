@@ -20,8 +20,8 @@ import io
 import os
 from typing import Any
 
-from transforms import storage
-from transforms.s3 import S3Config
+from s3tfr import storage
+from s3tfr.s3 import S3Config
 from transforms.verify import iter_records, parse_example
 
 __all__ = ["MAX_SAMPLE_SHARDS", "REPORT_FILE", "sample_examples", "write_report"]

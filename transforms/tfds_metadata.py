@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 
-from tfdata_reader.manifest import FORMAT_VERSION, LEGACY_MANIFEST
+from s3tfr.contract import FORMAT_VERSION, LEGACY_MANIFEST
 
 __all__ = [
     "FILEPATH_TEMPLATE",

@@ -25,26 +25,18 @@ import apache_beam as beam
 from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindows
 
-from tfdata_reader.cache import file_sha256
-from tfdata_reader.manifest import SHARD_NAME_RE
-from transforms import s3, storage
+from s3tfr import s3, storage
+from s3tfr.contract import file_sha256, shard_name
+from s3tfr.host import keep_freed_heap, usable_cpus
+from s3tfr.s3 import S3Config
 from transforms.commit import OutputRun, mark_written
 from transforms.examples import ConvertSettings, TFRecordFile, convert_record
-from transforms.host import keep_freed_heap, usable_cpus
 from transforms.images import ConvertedImage
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.progress import ProgressFolder
 from transforms.records import Rejection, ShardItem
-from transforms.s3 import S3Config
 
-__all__ = ["SHARD_NAME_PATTERN", "WriteShards", "shard_name"]
-
-# One definition of shard names for writer and reader: the reader's validator.
-SHARD_NAME_PATTERN = SHARD_NAME_RE.pattern
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+__all__ = ["WriteShards"]
 
 
 def _in_order(

@@ -33,8 +33,8 @@ import boto3.exceptions
 import botocore.exceptions
 from PIL import Image
 
-from transforms import s3, storage
-from transforms.s3 import S3Config
+from s3tfr import s3, storage
+from s3tfr.s3 import S3Config
 
 __all__ = [
     "FAILED",

@@ -29,10 +29,10 @@ import botocore.exceptions
 # Beam's reader checks both CRCs of each record, with google-crc32c.
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
-from transforms import s3, storage
-from transforms.host import quiet_tensorflow_import
+from s3tfr import s3, storage
+from s3tfr.host import quiet_tensorflow_import
+from s3tfr.s3 import S3Config
 from transforms.progress import ProgressFolder
-from transforms.s3 import S3Config
 
 __all__ = [
     "METRICS_NAMESPACE",

@@ -14,7 +14,7 @@ forwarding them: a client killed while one is held leaves S3 exactly as it was j
 before that request), record the requests it forwarded, and count concurrent client
 connections (``max_connections``).
 
-``python -m beam_jobs.s3proxy UPSTREAM --latency_ms 50 --slowdown 0.05`` runs one.
+``python -m devtools.s3proxy UPSTREAM --latency_ms 50 --slowdown 0.05`` runs one.
 """
 
 from __future__ import annotations

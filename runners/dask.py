@@ -80,7 +80,7 @@ _IDLE_LOCK = threading.Lock()
 
 
 def dask_setup(worker) -> None:
-    """Dask's preload hook (``dask worker --preload beam_jobs.dask_runner``): imports
+    """Dask's preload hook (``dask worker --preload runners.dask``): imports
     what the jobs' tasks need once, when the worker starts.
 
     Otherwise every fresh worker imports Beam and the image libraries while it

@@ -14,10 +14,11 @@ import os
 import shutil
 import tempfile
 
-from beam_jobs import convert, local_s3, logs
-from beam_jobs.sample_data import write_sample_tree
-from transforms import s3, storage
-from transforms.host import quiet_tensorflow_import
+from beam_jobs import convert, logs
+from devtools import local_s3
+from devtools.sample_data import write_sample_tree
+from s3tfr import s3, storage
+from s3tfr.host import quiet_tensorflow_import
 
 BUCKET = "demo-images"
 DEFAULT_KEEP = "local_run/dataset"

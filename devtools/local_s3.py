@@ -4,7 +4,7 @@ Used by ``run_local.sh``, the pytest fixtures and the benchmarks. Clients reach 
 real HTTP through the standard AWS chain: :func:`environment` gives the variables
 (``AWS_ENDPOINT_URL_S3`` and dummy credentials) that point boto3 and Beam at it.
 
-``python -m beam_jobs.local_s3`` runs one in the foreground and prints its endpoint.
+``python -m devtools.local_s3`` runs one in the foreground and prints its endpoint.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def put_tree(root: str, bucket: str, prefix: str = "", threads: int = 32) -> lis
     Returns:
         The keys written, sorted.
     """
-    from transforms import s3, storage
+    from s3tfr import s3, storage
 
     def put(name: str) -> str:
         s3.put_bytes(bucket, prefix + name, storage.read_bytes(storage.join(root, name)))

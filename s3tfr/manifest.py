@@ -21,13 +21,11 @@ from typing import Any
 
 import botocore.exceptions
 
-from transforms import storage
-from transforms.s3 import S3Config
+from s3tfr import storage
+from s3tfr.contract import FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE
+from s3tfr.s3 import S3Config
 
 __all__ = [
-    "FORMAT_VERSION",
-    "LEGACY_MANIFEST",
-    "MANIFEST",
     "DatasetError",
     "is_manifest",
     "load_info",
@@ -36,15 +34,6 @@ __all__ = [
     "validate_info",
 ]
 
-MANIFEST = "s3tfr_manifest.json"
-# The older layout's manifest; in the present one, TensorFlow Datasets' metadata.
-LEGACY_MANIFEST = "dataset_info.json"
-FORMAT_VERSION = 1
-# The one definition of shard names (the writer, transforms/tfrecords.py, uses it too).
-# Anchored with fullmatch: no separator, no "..", nothing before or after.
-SHARD_NAME_RE = re.compile(
-    r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord"
-)
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _COMPRESSIONS = ("", "GZIP", "ZLIB")

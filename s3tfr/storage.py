@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import botocore.exceptions
 
-from transforms import s3
-from transforms.s3 import S3Config
+from s3tfr import s3
+from s3tfr.s3 import S3Config
 
 __all__ = [
     "Entry",
