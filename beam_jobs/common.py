@@ -121,9 +121,9 @@ def pipeline_options(
                 args[i] = f"--runner={path}"
             elif arg == alias and i and args[i - 1] == "--runner":
                 args[i] = path
-    # Beam builds its own S3 filesystem's client without a retry config, so botocore
-    # reads these instead (DESIGN.md, "Known traps"); processes a runner starts
-    # inherit them. A user's own settings win.
+    # Beam builds its own S3 filesystem's client without a retry config (botocore's
+    # legacy mode, 5 attempts), so botocore reads these instead; processes a runner
+    # starts inherit them. A user's own settings win.
     os.environ.setdefault("AWS_RETRY_MODE", "standard")
     os.environ.setdefault("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
     _reject_unknown(args)

@@ -46,7 +46,6 @@ __all__ = ["main", "run"]
 DEFAULT_CONCURRENCY = 64
 DEFAULT_MULTIPART_THRESHOLD_MB = 64
 DEFAULT_OBJECT_ATTEMPTS = 3
-DEFAULT_MAX_ATTEMPTS = 10
 SSE_CHOICES = ("AES256", "aws:kms")
 STORAGE_CLASSES = (
     "STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
@@ -91,7 +90,7 @@ def _add_arguments(parser: argparse.ArgumentParser, add_shared) -> None:
     parser.add_argument(
         "--max_attempts",
         type=int,
-        default=DEFAULT_MAX_ATTEMPTS,
+        default=s3.DEFAULT_MAX_ATTEMPTS,
         help="attempts per S3 request (botocore standard retry mode)",
     )
     parser.add_argument(
@@ -209,7 +208,7 @@ def _raise(error: BaseException, *_unused) -> NoReturn:
 def _bucket_error(bucket: str, error: Exception) -> Exception:
     """What to tell the user when listing the destination bucket fails."""
     if isinstance(error, botocore.exceptions.ClientError):
-        code = error.response.get("Error", {}).get("Code", "")
+        code = s3.error_code(error)
         if code in ("404", "NoSuchBucket", "NotFound"):
             return UserError(f"bucket {bucket} does not exist: create it first")
         if code in ("403", "AccessDenied", "Forbidden"):

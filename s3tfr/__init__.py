@@ -12,6 +12,7 @@ from s3tfr.api import analyze, argv, convert, load_info, upload, verify
 from s3tfr.contract import VERSION as __version__
 from s3tfr.errors import JobFailed, UserError
 
+# The Python API (s3tfr.api), the version and the errors jobs end with.
 __all__ = [
     "JobFailed",
     "UserError",

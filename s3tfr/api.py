@@ -30,17 +30,6 @@ from s3tfr.errors import JobFailed, UserError
 # Top-level modules of the ``beam`` extra (setup.py).
 _BEAM_EXTRA = ("apache_beam", "tensorflow_transform", "PIL", "matplotlib")
 
-__all__ = [
-    "JobFailed",
-    "UserError",
-    "analyze",
-    "argv",
-    "convert",
-    "load_info",
-    "upload",
-    "verify",
-]
-
 
 def argv(options: Mapping[str, object]) -> list[str]:
     """Command-line arguments for keyword options (see the module docstring).

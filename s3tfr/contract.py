@@ -15,15 +15,36 @@ import re
 __all__ = [
     "ANALYSIS_FILE",
     "ANALYSIS_FORMAT_VERSION",
+    "CHANNELS_KEY",
+    "CLASS_COUNTS_KEY",
+    "CLASS_WEIGHTS_KEY",
+    "CLASS_WEIGHT_KEY",
+    "FILENAME_KEY",
+    "FORMAT_KEY",
     "FORMAT_VERSION",
+    "HEIGHT_KEY",
+    "IMAGE_KEY",
     "LABELS",
+    "LABEL_KEY",
+    "LABEL_TEXT_KEY",
+    "LABEL_VOCABULARY",
     "LEGACY_MANIFEST",
     "MANIFEST",
+    "PIXEL_COUNT_KEY",
+    "PIXEL_MEAN_KEY",
+    "PIXEL_STD_KEY",
     "RECORD_KEYS",
     "REJECTED_FILE",
     "SHARD_NAME_RE",
+    "SOURCE_SHA256_KEY",
+    "SPLIT_NAME_RE",
     "TOOL",
+    "TRANSFORMED_LABEL_KEY",
+    "TRANSFORMED_METADATA_DIR",
+    "TRANSFORM_FN_DIR",
     "VERSION",
+    "WIDTH_KEY",
+    "fd_sha256",
     "file_sha256",
     "shard_name",
     "split_fingerprint",
@@ -40,10 +61,12 @@ FORMAT_VERSION = 1
 LABELS = "labels.txt"  # line i = label i
 REJECTED_FILE = "rejected.jsonl"  # one JSON object per input not written
 
+# Split names: they become file names and TFDS split names.
+SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 # Shards: ``<split>-<index>-of-<count>.tfrecord``, five digits each. Anchored with
 # fullmatch: no separator, no "..", nothing before or after.
 SHARD_NAME_RE = re.compile(
-    r"(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.tfrecord"
+    rf"(?P<split>{SPLIT_NAME_RE.pattern})-(?P<index>\d{{5}})-of-(?P<count>\d{{5}})\.tfrecord"
 )
 
 

@@ -22,7 +22,13 @@ from typing import Any
 import botocore.exceptions
 
 from s3tfr import storage
-from s3tfr.contract import FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE
+from s3tfr.contract import (
+    FORMAT_VERSION,
+    LEGACY_MANIFEST,
+    MANIFEST,
+    SHARD_NAME_RE,
+    SPLIT_NAME_RE,
+)
 from s3tfr.s3 import S3Config
 
 __all__ = [
@@ -34,7 +40,6 @@ __all__ = [
     "validate_info",
 ]
 
-_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _COMPRESSIONS = ("", "GZIP", "ZLIB")
 _MAX_MANIFEST_BYTES = 256 * 1024 * 1024
@@ -153,7 +158,7 @@ def validate_info(info: Any, uri: str = "<dataset>") -> dict:
     for split, entry in splits.items():
         where = f"splits[{split!r}]"
         _require(
-            isinstance(split, str) and bool(_SPLIT_RE.fullmatch(split)),
+            isinstance(split, str) and bool(SPLIT_NAME_RE.fullmatch(split)),
             uri,
             f"split name {split!r} must be letters, digits and underscores",
         )

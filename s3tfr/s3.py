@@ -5,8 +5,7 @@ or nothing for the standard AWS chain). Out: boto3 clients with explicit retries
 listings, whole-object reads that survive truncated bodies, and atomic uploads.
 
 Why not Beam's S3 filesystem for everything: it builds its client without a retry config,
-does not retry ``CreateMultipartUpload`` and fails on empty objects (DESIGN.md, "Known
-traps"). boto3's transfer manager aborts failed multipart uploads and retries parts.
+does not retry ``CreateMultipartUpload`` and fails on empty objects. boto3's transfer manager aborts failed multipart uploads and retries parts.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ __all__ = [
 # botocore's "standard" mode retries throttling (503 SlowDown), 500s and connection errors
 # with jittered backoff; the default of 3 attempts is too few for long jobs.
 DEFAULT_MAX_ATTEMPTS = 10
-# A body cut mid-stream is outside botocore's retry loop (DESIGN.md, "Known traps").
+# A body cut mid-stream (a reset after the headers) is outside botocore's retry loop.
 BODY_RETRIES = 5
 # Until an endpoint has answered once, a connection to it that is refused or times out is
 # tried this many times, not max_attempts: it is most likely the wrong endpoint or down,
@@ -55,7 +54,7 @@ CONNECT_TIMEOUT_S = 3
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 
-_TRANSIENT_BODY_ERRORS = (
+TRANSIENT_BODY_ERRORS = (
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.ReadTimeoutError,
@@ -301,7 +300,7 @@ def body_retries(fn, *args, attempts: int = BODY_RETRIES, **kwargs):
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except _TRANSIENT_BODY_ERRORS:
+        except TRANSIENT_BODY_ERRORS:
             if attempt == attempts - 1:
                 raise
             time.sleep(min(2.0, 0.05 * 2**attempt))

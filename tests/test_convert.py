@@ -27,7 +27,7 @@ from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
 from transforms.manifest import AccountingError, commit_dataset
 from transforms.records import ImageRef, Rejection, ShardItem, key_hash
-from transforms.sharding import AssignShards, num_shards
+from transforms.sharding import AssignShards, ShardConfig, num_shards
 from transforms.tfds_metadata import TFDS_FILES
 from transforms.tfrecords import WriteShards
 
@@ -121,7 +121,9 @@ def test_assign_shards_uses_only_the_key_hash():
     with test_pipeline.TestPipeline() as p:
         labels = p | "Labels" >> beam.Create([["c0", "c1"]])
         batches = p | beam.Create([refs[:15], refs[15:]])
-        out = batches | AssignShards(labels, 0.3, "salt", lambda size: size, 1, 3)
+        out = batches | AssignShards(
+            labels, ShardConfig(0.3, "salt", shard_bytes=1, fixed_shards=3), lambda size: size
+        )
         assert_that(
             out["groups"] | beam.MapTuple(lambda k, v: (k, sorted(i for b in v for i in b))),
             equal_to(expected(0.3)),

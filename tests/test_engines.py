@@ -15,20 +15,26 @@ counters; upload, analyze and inspect --verify must give the same, checked resul
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from beam_jobs import analyze, convert, inspect, upload
+from beam_jobs import analyze, convert, inspect
 from beam_jobs.common import counters
 from devtools.local_s3 import put_tree
 from devtools.sample_data import write_sample_tree
 from engines import clusters
 from s3tfr import s3, storage
 from tests.test_analyze import _check_statistics
-from tests.test_runners import CONVERT_ARGS, PER_CLASS, ROOT, _objects, worker_pool
+from tests.test_runners import (
+    CONVERT_ARGS,
+    PER_CLASS,
+    ROOT,
+    _objects,
+    check_convert,
+    check_upload,
+    worker_pool,
+)
 from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
-from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
 from transforms.verify import METRICS_NAMESPACE as VERIFY_METRICS
 
 __all__ = ["worker_pool"]  # a fixture this module uses, imported from test_runners
@@ -74,40 +80,7 @@ def _args(engine: clusters.Engine, environment: str, request) -> list[str]:
 
 def _convert_matches_reference(engine, environment, sample, reference, request) -> None:
     out = f"s3://{BUCKET}/convert-{engine.name}-{environment.lower()}/"
-    result = convert.run(
-        ["--input", sample, "--output", out, *CONVERT_ARGS, *_args(engine, environment, request)]
-    )
-    files, counts = reference
-    got = _objects(out)
-    assert sorted(got) == sorted(files)
-    for name, data in files.items():
-        assert got[name] == data, f"{name} differs from DirectRunner in_memory's"
-    assert counters(result, CONVERT_METRICS) == counts
-
-
-def _upload_is_complete(engine, s3_bucket, tmp_path) -> None:
-    src = tmp_path / "src"
-    write_sample_tree(str(src), per_class=3, corrupt=False)
-    (src / "cat" / "big.bin").write_bytes(os.urandom(int(1.5 * 2**20)))  # multipart
-    prefix = "images/"
-    already = "bird/bird_0000.jpg"
-    s3.put_bytes(s3_bucket, prefix + already, (src / already).read_bytes())
-    local = {
-        path.relative_to(src).as_posix(): path.read_bytes()
-        for path in src.rglob("*")
-        if path.is_file()
-    }
-    report = tmp_path / "report.json"
-    result = upload.run([f"--source={src}", f"--output=s3://{s3_bucket}/{prefix}",
-                         "--multipart_threshold_mb=1", f"--report={report}",
-                         *engine.pipeline_args()])  # fmt: skip
-    sent = {k: v for k, v in local.items() if k != already}
-    assert counters(result, UPLOAD_METRICS) == {
-        "bytes_uploaded": sum(len(v) for v in sent.values()),
-        "files_uploaded": len(sent),
-    }
-    assert json.loads(report.read_text())["counts"] == {"unchanged": 1, "uploaded": len(sent)}
-    assert _objects(f"s3://{s3_bucket}/{prefix}") == local
+    check_convert(sample, out, reference, _args(engine, environment, request))
 
 
 def _analyze_is_right(engine, reference) -> None:
@@ -144,7 +117,7 @@ def test_convert_identical_to_direct_runner(engine, environment, sample, referen
 
 
 def test_upload(engine, s3_bucket, tmp_path):
-    _upload_is_complete(engine, s3_bucket, tmp_path)
+    check_upload(s3_bucket, tmp_path, engine.pipeline_args())
 
 
 def test_analyze(engine, reference):

@@ -287,12 +287,10 @@ def test_convert_reference_on_direct_in_memory(reference):
     )
 
 
-@pytest.mark.parametrize("runner_args", CONVERT_RUNNERS, indirect=True)
-def test_convert_identical_on_every_runner(sample, reference, runner_args, request):
-    out = f"s3://runners/convert-{request.node.callspec.id}/"
-    result = convert.run(
-        ["--input", sample, "--output", out, *CONVERT_ARGS, *runner_args]
-    )
+def check_convert(sample: str, out: str, reference, runner_args: list[str]) -> None:
+    """Converts ``sample`` to ``out`` with ``runner_args``: every file byte-identical to
+    the DirectRunner reference's, the same counters."""
+    result = convert.run(["--input", sample, "--output", out, *CONVERT_ARGS, *runner_args])
     files, counts = reference
     got = _objects(out)
     assert sorted(got) == sorted(files)
@@ -301,21 +299,24 @@ def test_convert_identical_on_every_runner(sample, reference, runner_args, reque
     assert counters(result, CONVERT_METRICS) == counts
 
 
+@pytest.mark.parametrize("runner_args", CONVERT_RUNNERS, indirect=True)
+def test_convert_identical_on_every_runner(sample, reference, runner_args, request):
+    check_convert(sample, f"s3://runners/convert-{request.node.callspec.id}/", reference,
+                  runner_args)  # fmt: skip
+
+
 # ---------------------------------------------------------------- upload
 
 
-@pytest.mark.parametrize("runner_args", RUNNERS[:1] + RUNNERS[2:], indirect=True)
-def test_upload_on_runner(s3_bucket, tmp_path, runner_args):
+def check_upload(s3_bucket: str, tmp_path, runner_args: list[str]) -> None:
+    """Uploads a tree (one file already there unchanged, one stale, one multipart) with
+    ``runner_args`` and checks counters, report and every object's bytes."""
     src = tmp_path / "src"
     write_sample_tree(str(src), per_class=3, corrupt=False)
-    big = os.urandom(int(1.5 * 2**20))  # above --multipart_threshold_mb=1
-    (src / "cat" / "big.bin").write_bytes(big)
+    (src / "cat" / "big.bin").write_bytes(os.urandom(int(1.5 * 2**20)))  # multipart
     prefix = "images/"
-    s3.put_bytes(
-        s3_bucket,
-        prefix + "bird/bird_0000.jpg",
-        (src / "bird" / "bird_0000.jpg").read_bytes(),
-    )
+    already = "bird/bird_0000.jpg"
+    s3.put_bytes(s3_bucket, prefix + already, (src / already).read_bytes())
     s3.put_bytes(s3_bucket, prefix + "dog/dog_0001.jpg", b"stale bytes of another size")
     local = {
         path.relative_to(src).as_posix(): path.read_bytes()
@@ -325,18 +326,18 @@ def test_upload_on_runner(s3_bucket, tmp_path, runner_args):
     report = tmp_path / "report.json"
     result = upload.run([f"--source={src}", f"--output=s3://{s3_bucket}/{prefix}",
                          "--multipart_threshold_mb=1", f"--report={report}", *runner_args])  # fmt: skip
-    sent = len(local) - 1  # bird_0000.jpg was already there, unchanged
+    sent = {k: v for k, v in local.items() if k != already}
     assert counters(result, UPLOAD_METRICS) == {
-        "bytes_uploaded": sum(
-            len(v) for k, v in local.items() if k != "bird/bird_0000.jpg"
-        ),
-        "files_uploaded": sent,
+        "bytes_uploaded": sum(len(v) for v in sent.values()),
+        "files_uploaded": len(sent),
     }
-    assert json.loads(report.read_text())["counts"] == {
-        "unchanged": 1,
-        "uploaded": sent,
-    }
+    assert json.loads(report.read_text())["counts"] == {"unchanged": 1, "uploaded": len(sent)}
     assert _objects(f"s3://{s3_bucket}/{prefix}") == local
+
+
+@pytest.mark.parametrize("runner_args", RUNNERS[:1] + RUNNERS[2:], indirect=True)
+def test_upload_on_runner(s3_bucket, tmp_path, runner_args):
+    check_upload(s3_bucket, tmp_path, runner_args)
 
 
 # ---------------------------------------------------------------- analyze

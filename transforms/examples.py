@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING
 
 import google_crc32c
 
+from s3tfr import contract
 from transforms.images import (
+    DEFAULT_JPEG_QUALITY,
     DEFAULT_MAX_PIXELS,
     DEFAULT_TIME_BUDGET_S,
     ConvertedImage,
@@ -46,7 +48,7 @@ class ConvertSettings:
     resize: Resize = dataclasses.field(default_factory=Resize)
     channels: int = 3
     image_format: str = "jpeg"
-    jpeg_quality: int = 90
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Seconds one image may take before it is rejected as too_slow.
     time_budget_s: float = DEFAULT_TIME_BUDGET_S
@@ -111,18 +113,19 @@ def _map_key(key: str) -> bytes:
 def example_bytes(
     image: ConvertedImage, label: int, label_text: str, key: str, source_sha256: str
 ) -> bytes:
-    """A serialized ``tf.train.Example`` with the keys of DESIGN.md, "Data contract"."""
+    """A serialized ``tf.train.Example`` with the data contract's keys
+    (:data:`s3tfr.contract.RECORD_KEYS`)."""
     return encode_example(
         {
-            "image/encoded": image.encoded,
-            "image/format": image.format.encode(),
-            "image/height": image.height,
-            "image/width": image.width,
-            "image/channels": image.channels,
-            "image/class/label": label,
-            "image/class/text": label_text.encode(),
-            "image/filename": key.encode(),
-            "image/source_sha256": source_sha256.encode(),
+            contract.IMAGE_KEY: image.encoded,
+            contract.FORMAT_KEY: image.format.encode(),
+            contract.HEIGHT_KEY: image.height,
+            contract.WIDTH_KEY: image.width,
+            contract.CHANNELS_KEY: image.channels,
+            contract.LABEL_KEY: label,
+            contract.LABEL_TEXT_KEY: label_text.encode(),
+            contract.FILENAME_KEY: key.encode(),
+            contract.SOURCE_SHA256_KEY: source_sha256.encode(),
         }
     )
 

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 __all__ = [
+    "DEFAULT_JPEG_QUALITY",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_TIME_BUDGET_S",
     "JPEG_MAX_SIDE",
@@ -45,6 +46,7 @@ __all__ = [
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_TIME_BUDGET_S = 60.0
+DEFAULT_JPEG_QUALITY = 90
 # JPEG's frame header holds each side in 16 bits.
 JPEG_MAX_SIDE = 65_535
 BACKGROUND = (255, 255, 255)
@@ -403,7 +405,7 @@ def convert_image(
     *,
     channels: int = 3,
     image_format: str = "jpeg",
-    jpeg_quality: int = 90,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
 ) -> ConvertedImage:

@@ -1,7 +1,7 @@
 """The small values that flow between the convert job's stages (no Beam import).
 
-Only references travel through grouping steps; image bytes never do (DESIGN.md, "Memory
-and scale").
+Only references travel through grouping steps; image bytes never do, so a worker's
+memory is bounded by its in-flight window, not by the dataset (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations

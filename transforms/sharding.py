@@ -8,19 +8,17 @@ when others are added. Only references are grouped; image bytes never are.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
-import re
 
 import apache_beam as beam
 from apache_beam import pvalue
 
+from s3tfr.contract import SPLIT_NAME_RE
 from transforms.listing import REJECTED, count_rejection
 from transforms.records import ImageRef, Rejection, ShardItem, key_hash
 
-__all__ = ["AssignShards", "num_shards"]
-
-_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
-
+__all__ = ["AssignShards", "ShardConfig", "num_shards"]
 
 # Shards are the unit of parallelism for the writer and for readers on many hosts, so a
 # split gets at least ``min_shards`` of them when each still holds this many images.
@@ -60,7 +58,7 @@ class _AssignFn(beam.DoFn):
             rejection = None
             if ref.label not in self._index:
                 rejection = ("unknown_class", f"class {ref.label!r} is not in --labels_file")
-            elif ref.split and not _SPLIT_NAME.fullmatch(ref.split):
+            elif ref.split and not SPLIT_NAME_RE.fullmatch(ref.split):
                 rejection = ("bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+")
             if rejection:
                 yield pvalue.TaggedOutput(
@@ -93,49 +91,51 @@ def _add_pairs(pairs):
     return examples, estimated
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardConfig:
+    """How references become splits and shards (the convert job's options, parsed once).
+
+    Attributes:
+        validation_fraction: share of images (by key hash) in ``validation``; ignored for
+            references whose split came from the folder layout.
+        salt: the hash salt; changing it reshuffles splits and shards.
+        shard_bytes: target shard size.
+        fixed_shards: a fixed shard count per split (0: from ``shard_bytes``).
+        min_shards: the fewest shards per split when it has enough images.
+    """
+
+    validation_fraction: float
+    salt: str
+    shard_bytes: int
+    fixed_shards: int = 0
+    min_shards: int = 1
+
+
 class AssignShards(beam.PTransform):
     """Assigns every reference to a split and a shard bucket.
 
     Args:
         labels: a one-element PCollection holding the sorted class names.
-        validation_fraction: share of images (by key hash) in ``validation``; ignored for
-            references whose split came from the folder layout.
-        salt: the hash salt; changing it reshuffles splits and shards.
+        config: the split and shard settings.
         estimate_bytes: source size -> estimated encoded size, to size shards.
-        shard_bytes: target shard size.
-        fixed_shards: a fixed shard count per split (0: from ``shard_bytes``).
-        min_shards: the fewest shards per split when it has enough images.
 
     Returns:
         A dict: ``"groups"`` (``((split, bucket), lists of [ShardItem])``: a shard's
         references, in lists as they were assigned) and ``"rejected"``.
     """
 
-    def __init__(
-        self,
-        labels,
-        validation_fraction: float,
-        salt: str,
-        estimate_bytes,
-        shard_bytes: int,
-        fixed_shards: int = 0,
-        min_shards: int = 1,
-    ) -> None:
+    def __init__(self, labels, config: ShardConfig, estimate_bytes) -> None:
         super().__init__()
         self._labels = labels
-        self._fraction = validation_fraction
-        self._salt = salt
+        self._config = config
         self._estimate = estimate_bytes
-        self._shard_bytes = shard_bytes
-        self._fixed = fixed_shards
-        self._min = min_shards
 
     def expand(self, refs):
         assigned = refs | "Assign" >> beam.ParDo(
-            _AssignFn(self._fraction, self._salt), pvalue.AsSingleton(self._labels)
+            _AssignFn(self._config.validation_fraction, self._config.salt),
+            pvalue.AsSingleton(self._labels),
         ).with_outputs(REJECTED, main="items")
-        estimate, shard_bytes = self._estimate, self._shard_bytes
-        fixed, min_shards = self._fixed, self._min
+        estimate, config = self._estimate, self._config
         # (split, (examples, estimated bytes)) -> (split, shard count)
         shard_counts = (
             assigned.items
@@ -147,7 +147,10 @@ class AssignShards(beam.PTransform):
             | "ShardCounts"
             >> beam.MapTuple(
                 lambda split, s: (
-                    split, num_shards(s[0], s[1], shard_bytes, fixed, min_shards)
+                    split,
+                    num_shards(
+                        s[0], s[1], config.shard_bytes, config.fixed_shards, config.min_shards
+                    ),
                 )
             )
         )

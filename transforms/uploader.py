@@ -286,10 +286,6 @@ def _md5_of_file(path: str) -> tuple[str, bytes, os.stat_result]:
     return digest.hexdigest(), head, after
 
 
-def _error_code(error: Exception) -> str:
-    return getattr(error, "response", {}).get("Error", {}).get("Code", "")
-
-
 class Uploader:
     """Uploads files of one source tree to one prefix; thread-safe, one per process.
 
@@ -324,7 +320,7 @@ class Uploader:
             except _TRANSIENT_ERRORS as e:
                 last = f"{type(e).__name__}: {e}"
             except botocore.exceptions.ClientError as e:
-                if _error_code(e) not in _TRANSIENT_CODES:
+                if s3.error_code(e) not in _TRANSIENT_CODES:
                     return FileResult(local.rel, FAILED, local.size, f"S3 refused: {e}")
                 last = str(e)
             except OSError as e:

@@ -49,14 +49,6 @@ _READ_CHUNK = 1 << 20
 # A shard with thousands of bad records would otherwise print thousands of lines.
 _MAX_PROBLEMS = 5
 _MAX_MESSAGE = 160
-# Raised through to s3.body_retries, which reads again, rather than judged.
-_TRANSIENT = (
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectionClosedError,
-    ConnectionError,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +151,7 @@ class _ResumingBody(io.RawIOBase):
             self._body = self._get()
         try:
             return self._body.read(size)
-        except _TRANSIENT:
+        except s3.TRANSIENT_BODY_ERRORS:  # s3.body_retries reads again
             self._body = None  # the next attempt resumes at self._position
             raise
 
@@ -180,7 +172,7 @@ def _open(uri: str, config: S3Config | None) -> BinaryIO:
         try:
             return io.BufferedReader(_ResumingBody(bucket, key, config), _READ_CHUNK)
         except botocore.exceptions.ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
+            code = s3.error_code(e)
             if code in ("NoSuchKey", "404", "NoSuchBucket", "NotFound"):
                 raise FileNotFoundError(f"{uri}: {code}") from None
             raise
@@ -333,7 +325,7 @@ class _VerifyShardFn(beam.DoFn):
                     except Exception as e:  # noqa: BLE001 - any failure is a verdict
                         problem(f"record {records - 1}: {_short(e)}")
                 hashing.drain()
-            except _TRANSIENT:
+            except s3.TRANSIENT_BODY_ERRORS:  # s3.body_retries reads again
                 raise
             except Exception as e:  # noqa: BLE001 - framing, CRC, gzip
                 problem(f"unreadable after {records} records: {_short(e)}")
