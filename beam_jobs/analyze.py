@@ -97,7 +97,7 @@ def analyze(
     # setting wins, as it does with TFT.
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     with quiet_tensorflow_import():
-        from transforms.analyze import AnalyzeImages
+        from transforms.statistics import AnalyzeImages
 
     # The old analysis must not describe the new transform output while it is replaced.
     storage.delete(storage.join(dataset, ANALYSIS_FILE), config)

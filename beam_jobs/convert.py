@@ -54,7 +54,7 @@ from transforms.images import (
     parse_resize,
 )
 from transforms.listing import METRICS_NAMESPACE, ListImages
-from transforms.manifest import AccountingError, WriteDatasetInfo
+from transforms.manifest_writer import AccountingError, WriteManifest
 from transforms.progress import ProgressFolder
 from transforms.sharding import AssignShards, ShardConfig
 from transforms.tfrecords import WriteShards
@@ -390,8 +390,8 @@ def _convert(
             assigned["rejected"],
             written["rejected"],
         ) | "AllRejected" >> beam.Flatten()
-        _ = {"shards": written["shards"], "rejected": rejected} | "WriteDatasetInfo" >> (
-            WriteDatasetInfo(output_run, labels, listed_count, base_info)
+        _ = {"shards": written["shards"], "rejected": rejected} | "WriteManifest" >> (
+            WriteManifest(output_run, labels, listed_count, base_info)
         )
     return p.result
 

@@ -258,7 +258,7 @@ def _import_pipeline_modules() -> None:
     with contextlib.suppress(Exception):
         import apache_beam  # noqa: F401
 
-        import transforms.upload  # noqa: F401
+        import transforms.upload_files  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +319,7 @@ def _run_pipeline(job: _Job) -> PipelineResult:
     from apache_beam.options.pipeline_options import GoogleCloudOptions
 
     from beam_jobs.common import local_runner, pipeline_options
-    from transforms.upload import Summarize, UploadFiles
+    from transforms.upload_files import Summarize, UploadFiles
 
     _options_class()  # Beam's parser then knows this job's flags
     options = pipeline_options(job.args)

@@ -26,7 +26,7 @@ from examples.export_serving import export_serving_model, small_model
 from s3tfr import s3, storage
 from tfdata_reader import DatasetError, load_info, make_dataset
 from tfdata_reader import transform as reader_transform
-from transforms.analyze import make_preprocessing_fn, raw_schema
+from transforms.statistics import make_preprocessing_fn, raw_schema
 from transforms.verify import iter_records, parse_example
 
 # ---------------------------------------------------------------- preprocessing_fn

@@ -25,8 +25,8 @@ from s3tfr.contract import MANIFEST
 from transforms.commit import Lease, mark_written
 from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
-from transforms.manifest import AccountingError, commit_dataset
-from transforms.records import ImageRef, Rejection, ShardItem, key_hash
+from transforms.manifest_writer import AccountingError, commit_dataset
+from transforms.references import ImageRef, Rejection, ShardItem, key_hash
 from transforms.sharding import AssignShards, ShardConfig, num_shards
 from transforms.tfds_metadata import TFDS_FILES
 from transforms.tfrecords import WriteShards

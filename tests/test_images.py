@@ -21,7 +21,7 @@ from devtools.sample_data import encode, photo_like
 from transforms import images
 from transforms.examples import ConvertSettings, convert_record
 from transforms.images import ImageError, Resize, convert_image, parse_resize
-from transforms.records import Rejection, ShardItem
+from transforms.references import Rejection, ShardItem
 
 
 def _decode(data: bytes) -> np.ndarray:

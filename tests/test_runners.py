@@ -31,7 +31,7 @@ from s3tfr.contract import MANIFEST
 from s3tfr.host import usable_cpus
 from tests.test_analyze import _check_statistics
 from transforms.listing import METRICS_NAMESPACE as CONVERT_METRICS
-from transforms.upload import METRICS_NAMESPACE as UPLOAD_METRICS
+from transforms.upload_files import METRICS_NAMESPACE as UPLOAD_METRICS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_CLASS = 6  # 3 classes: 18 images plus one truncated JPEG

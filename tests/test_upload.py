@@ -16,7 +16,7 @@ from beam_jobs import upload
 from beam_jobs.common import counters
 from devtools.sample_data import encode, photo_like, write_sample_tree
 from s3tfr import s3
-from transforms.upload import METRICS_NAMESPACE
+from transforms.upload_files import METRICS_NAMESPACE
 from transforms.uploader import UploadSettings, content_type, plan, selected
 
 MIB = 1024 * 1024

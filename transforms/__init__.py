@@ -1,6 +1,11 @@
-"""Composite PTransforms of the jobs and the plain functions they call.
+"""The writer's stages: composite PTransforms of the jobs and the plain functions they call.
 
-Modules that import Beam: analyze, listing, manifest, report (through verify), sharding,
-tfrecords, upload, verify. The rest (examples, host, images, records, s3, storage,
-uploader) do not, so the tf.data reader and the benchmarks can use them alone.
+Stages (Beam): ``listing`` (ListImages), ``sharding`` (AssignShards), ``tfrecords``
+(WriteShards), ``manifest_writer`` (WriteManifest), ``verify`` (VerifyShards),
+``statistics`` (AnalyzeImages, with tensorflow-transform), ``upload_files``
+(UploadFiles), with ``commit`` (the output's lease and commit order), ``progress`` and
+``report``. Plain functions without Beam: ``images`` (one image's conversion),
+``examples`` (tf.train.Example and TFRecord framing), ``references`` (what travels
+between stages), ``uploader`` (the upload plan), ``tfds_metadata``. What the writer and
+the readers share (file names, the manifest schema, S3) is in the core package ``s3tfr``.
 """

@@ -26,7 +26,7 @@ from transforms.images import (
     Resize,
     convert_image,
 )
-from transforms.records import Rejection, ShardItem
+from transforms.references import Rejection, ShardItem
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; annotations are not evaluated at run time

@@ -45,7 +45,7 @@ from apache_beam import pvalue
 
 from s3tfr import storage
 from s3tfr.s3 import S3Config
-from transforms.records import ImageRef, Rejection
+from transforms.references import ImageRef, Rejection
 
 __all__ = [
     "CLASSES",

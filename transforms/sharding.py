@@ -16,7 +16,7 @@ from apache_beam import pvalue
 
 from s3tfr.contract import SPLIT_NAME_RE
 from transforms.listing import REJECTED, count_rejection
-from transforms.records import ImageRef, Rejection, ShardItem, key_hash
+from transforms.references import ImageRef, Rejection, ShardItem, key_hash
 
 __all__ = ["AssignShards", "ShardConfig", "num_shards"]
 

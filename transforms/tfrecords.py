@@ -34,7 +34,7 @@ from transforms.examples import ConvertSettings, TFRecordFile, convert_record
 from transforms.images import ConvertedImage
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.progress import ProgressFolder
-from transforms.records import Rejection, ShardItem
+from transforms.references import Rejection, ShardItem
 
 __all__ = ["WriteShards"]
 

@@ -1,4 +1,4 @@
-"""WriteDatasetInfo: shard infos and rejections in; labels.txt, rejected.jsonl, TensorFlow
+"""WriteManifest: shard infos and rejections in; labels.txt, rejected.jsonl, TensorFlow
 Datasets' metadata (:mod:`transforms.tfds_metadata`) and, last, s3tfr_manifest.json out.
 
 ``s3tfr_manifest.json`` is the commit marker: it is written only after every shard is in
@@ -18,14 +18,14 @@ from apache_beam import pvalue
 from s3tfr import storage
 from s3tfr.contract import FORMAT_VERSION, LABELS, MANIFEST, REJECTED_FILE, shard_name
 from transforms.commit import OutputRun, finish, mark_written
-from transforms.records import Rejection
+from transforms.references import Rejection
 from transforms.tfds_metadata import tfds_files
 
 __all__ = [
     "FEATURES",
     "FORMAT_VERSION",
     "MANIFEST",
-    "WriteDatasetInfo",
+    "WriteManifest",
     "commit_dataset",
 ]
 
@@ -159,7 +159,7 @@ def commit_dataset(
     return info
 
 
-class WriteDatasetInfo(beam.PTransform):
+class WriteManifest(beam.PTransform):
     """Commits a converted dataset once every shard is written.
 
     Args:
