@@ -404,3 +404,25 @@ def test_user_errors_are_one_clear_line(s3_bucket, tmp_path, capsys, make_args, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("convert: error:") and message in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+# The bytes a fixed input converts to, with the pinned Pillow (libjpeg-turbo) and zlib: a
+# change to the code that alters any output byte fails here, as does a dependency upgrade
+# that does (then check the outputs, and record the new hashes in the same change).
+GOLDEN = {
+    "train-00000-of-00002.tfrecord": "9a879a7e7f8d3c16bab180ebb90a64039713c8e5fcef7d3443e602faf8fe10f7",
+    "train-00001-of-00002.tfrecord": "2ff256f2eefa7d02083f9bcc51d57b388d7297d251f6364f6d8578699d7f3638",
+    "validation-00000-of-00002.tfrecord": "4250372180367452f7491a9416f4751193f16f9df50ba81c97a3c457d86496dd",
+    "validation-00001-of-00002.tfrecord": "45d422b0e9c015a36f88e96dae37c9a1d42d808b2880bc0741e77d61f5b6b5c6",
+    "labels.txt": "0e400cbf0a12179f11f768ecdbfc0f9d7120fd15c830b72556de502b3f427206",
+    "rejected.jsonl": "bdf3ff5ec71ce0f00d081843c2b97bd071abb5aeeedf478b64a6ea584ce82dd4",
+}
+
+
+def test_golden_bytes(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_sample_tree(str(src), per_class=12)
+    convert.run(["--input", str(src), "--output", str(out), "--resize", "crop:64x64",
+                 "--num_shards", "2"])  # fmt: skip
+    got = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in GOLDEN}
+    assert got == GOLDEN
