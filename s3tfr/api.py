@@ -25,6 +25,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 
+from s3tfr import manifest
 from s3tfr.errors import JobFailed, UserError
 
 # Top-level modules of the ``beam`` extra (setup.py).
@@ -70,10 +71,19 @@ def _run(job: str, args: list[str]):
     return job_module(job).run(args)
 
 
-def _s3_config(args: list[str]):
-    from beam_jobs import common
+def _s3_config(options: Mapping[str, object]):
+    """The S3 settings among keyword options (Beam's ``s3_*`` names); ``None`` for the
+    standard AWS chain."""
+    import dataclasses
 
-    return common.s3_config(common.pipeline_options(args))
+    from s3tfr.s3 import S3Config
+
+    names = {f.name for f in dataclasses.fields(S3Config) if f.name.startswith("s3_")}
+    given = {k: v for k, v in options.items() if k in names and v is not None}
+    try:
+        return S3Config(**given) if given else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def load_info(dataset: str, **options) -> dict:
@@ -87,14 +97,10 @@ def load_info(dataset: str, **options) -> dict:
         s3tfr.manifest.DatasetError: no committed dataset there, or a manifest that
             does not validate.
     """
-    from s3tfr import manifest
-    from s3tfr.s3 import S3Config
-
-    try:
-        config = S3Config(**options) if options else None
-    except (TypeError, ValueError) as e:
-        raise UserError(str(e)) from None
-    return manifest.load_info(str(dataset), config)
+    unknown = sorted(set(options) - {k for k in options if k.startswith("s3_")})
+    if unknown:
+        raise UserError(f"load_info takes S3 options only, not {', '.join(unknown)}")
+    return manifest.load_info(str(dataset), _s3_config(options))
 
 
 def convert(input: str, output: str, **options) -> dict:
@@ -111,7 +117,7 @@ def convert(input: str, output: str, **options) -> dict:
     """
     args = argv({"input": input, "output": output, **options})
     _run("convert", args)
-    return load_info(str(output), **_s3_options(options))
+    return manifest.load_info(str(output), _s3_config(options))
 
 
 def analyze(dataset: str, **options) -> dict:
@@ -124,7 +130,7 @@ def analyze(dataset: str, **options) -> dict:
     _run("analyze", args)
     from tfdata_reader import load_analysis
 
-    return load_analysis(str(dataset), _s3_config(args))
+    return load_analysis(str(dataset), _s3_config(options))
 
 
 def verify(dataset: str, **options) -> dict:
@@ -166,8 +172,4 @@ def upload(source: str, output: str, **options) -> dict:
         _run("upload", args)
         from s3tfr import storage
 
-        return json.loads(storage.read_bytes(str(report), _s3_config(args)))
-
-
-def _s3_options(options: Mapping[str, object]) -> dict:
-    return {k: v for k, v in options.items() if k.startswith("s3_")}
+        return json.loads(storage.read_bytes(str(report), _s3_config(options)))

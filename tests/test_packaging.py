@@ -197,3 +197,15 @@ def test_python_api_verify_and_analyze(dataset):
     stats = s3tfr.analyze(dataset)
     assert stats["labels"] == info["labels"]
     assert len(stats["pixel_mean"]) == 3
+
+
+def test_python_api_upload_returns_the_report(s3_bucket, tmp_path):
+    src = tmp_path / "src"
+    sample_data.write_sample_tree(str(src), per_class=2, corrupt=False)
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    planned = s3tfr.upload(source=str(src), output=f"s3://{s3_bucket}/images/", dry_run=True)
+    assert planned["dry_run"] and sorted(planned["would_upload"]) == files
+    report = s3tfr.upload(source=str(src), output=f"s3://{s3_bucket}/images/")
+    assert report["counts"] == {"uploaded": len(files)} and not report["failed"]
+    again = s3tfr.upload(source=str(src), output=f"s3://{s3_bucket}/images/")
+    assert again["counts"] == {"unchanged": len(files)}
