@@ -45,8 +45,9 @@ ensure_chromium() {
 
 setup_venv
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# TensorFlow's start-up chatter hides the tools' own output.
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+# TensorFlow's chatter (start-up lines, "failed call to cuInit" without a GPU) hides the
+# tools' own output.
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
 
 cmd=${1:-demo}
 [[ $# -gt 0 ]] && shift

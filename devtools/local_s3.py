@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -48,7 +49,9 @@ class LocalS3:
     def start(self) -> LocalS3:
         # One log line per request would drown the tools' own output.
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self._server.start()
+        # moto prints "Starting a new Thread with MotoServer running on …" to stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self._server.start()
         return self
 
     def stop(self) -> None:
