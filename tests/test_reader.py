@@ -206,6 +206,29 @@ def test_seeded_runs_are_identical(converted):
     assert any(not np.array_equal(a[0], c[0]) for a, c in zip(first, other))
 
 
+@pytest.mark.parametrize("normalize", ["unit", ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])])
+def test_shuffle_buffer_of_images_reads_the_same_values(converted, normalize):
+    # Records larger than a uint8 image of the output size are shuffled as images, which
+    # are normalised per batch; otherwise records are shuffled and each image normalised
+    # on its own (as without shuffling). Both give the same values.
+    size = (4, 4)
+    info = load_info(converted)
+    assert info["splits"]["train"]["bytes"] > info["splits"]["train"]["examples"] * 48
+
+    def examples(shuffle):
+        ds = make_dataset(
+            converted, batch_size=5, image_size=size, training=False, shuffle=shuffle,
+            seed=1, normalize=normalize,
+        )  # fmt: skip
+        return collections.Counter(
+            (image.tobytes(), int(label))
+            for images, labels in ds
+            for image, label in zip(images.numpy(), labels.numpy())
+        )
+
+    assert examples(shuffle=True) == examples(shuffle=False)
+
+
 def test_unshuffled_reads_keep_their_order_by_default(converted):
     # An evaluation pass (no shuffle, no seed) must not reorder records by thread timing:
     # predictions are matched to files by position.
