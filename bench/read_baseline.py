@@ -123,7 +123,7 @@ def main(argv=None) -> None:
         src, dataset = os.path.join(work, "src"), os.path.join(work, "out")
         photo_tree(src, args.images, 0, os.cpu_count() or 1)
         convert.run(
-            ["--input", src, "--output", dataset, "--resize", "crop:224x224", "-q"]
+            ["--input", src, "--output", dataset, "--resize", "crop:224x224"]
         )
     try:
         examples = load_info(dataset)["splits"]["train"]["examples"]
