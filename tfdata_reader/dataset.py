@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import functools
 import gc
+import inspect
 import logging
 import os
 import struct
@@ -39,7 +40,8 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import ParamSpec, TypeVar
 
 import botocore.exceptions
 import google_crc32c
@@ -50,15 +52,19 @@ from s3tfr.contract import MANIFEST
 from s3tfr.host import usable_cpus
 from s3tfr.manifest import DatasetError, load_info, s3_error, shard_uris
 from s3tfr.s3 import S3Config
-from tfdata_reader import ops, transform
+from tfdata_reader import ops
 from tfdata_reader.cache import ShardCache
+from tfdata_reader.options import (
+    DEFAULT_PREFETCH_SHARDS,
+    DEFAULT_SHUFFLE_BUFFER,
+    ReaderOptions,
+    ResolvedOptions,
+)
 
-__all__ = ["ReaderStats", "make_dataset"]
+__all__ = ["ReaderOptions", "ReaderStats", "make_dataset"]
 
 log = logging.getLogger("tfdata_reader")
 
-DEFAULT_SHUFFLE_BUFFER = 1024
-DEFAULT_PREFETCH_SHARDS = 8
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
@@ -212,10 +218,9 @@ def _worker_shards(n_shards: int, num_workers: int, worker_index: int) -> tuple[
 
     By file when there are at least as many shards as workers; otherwise every worker reads
     every shard and keeps every ``num_workers``-th record. Either way each example is read by
-    exactly one worker per epoch.
+    exactly one worker per epoch. ``worker_index`` is in ``[0, num_workers)``
+    (``ReaderOptions.resolve`` checks it).
     """
-    if not 0 <= worker_index < num_workers:
-        raise ValueError(f"worker_index {worker_index} not in [0, {num_workers})")
     if n_shards >= num_workers:
         return list(range(worker_index, n_shards, num_workers)), False
     log.warning(
@@ -256,6 +261,36 @@ def _check_present(uri: str, shards: list[tuple[str, dict]], config: S3Config | 
             )
 
 
+_OPTION_NAMES = frozenset(field.name for field in dataclasses.fields(ReaderOptions))
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _with_options(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Hands ``fn`` (``make_dataset``) its reading options as one ``ReaderOptions`` in
+    ``options``: built from the call's option keywords when none is passed; else the one
+    passed, with the option keywords the call names (positionally or by keyword, whatever
+    their value) replacing its fields."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bound = signature.bind(*args, **kwargs)
+        given = {k: v for k, v in bound.arguments.items() if k in _OPTION_NAMES}
+        options = bound.arguments.get("options")
+        if options is None:
+            options = ReaderOptions(**given)
+        elif isinstance(options, ReaderOptions):
+            options = dataclasses.replace(options, **given)
+        else:
+            raise TypeError(f"options must be a ReaderOptions, not {options!r}")
+        bound.arguments["options"] = options
+        return fn(*bound.args, **bound.kwargs)
+
+    return call
+
+
+@_with_options
 def make_dataset(
     uri: str,
     split: str = "train",
@@ -285,6 +320,7 @@ def make_dataset(
     verify: str = "sha256",
     stats: ReaderStats | None = None,
     config: S3Config | None = None,
+    options: ReaderOptions | None = None,
 ) -> tf.data.Dataset:
     """Streams one split of a converted dataset as ``(images, labels)`` batches.
 
@@ -324,6 +360,11 @@ def make_dataset(
         verify: check fetched shards by ``"sha256"``, ``"size"`` or ``"none"``.
         stats: filled with the records skipped per shard and the cache's counters.
         config: S3 client settings; ``None`` uses the standard AWS chain.
+        options: a ``ReaderOptions`` holding the reading options (every argument above
+            except ``uri``, ``split``, ``input_context``, ``cache``, ``stats`` and
+            ``config``), in place of their keywords. Option keywords given beside it
+            override its fields, as ``dataclasses.replace(options, **keywords)`` would:
+            ``make_dataset(uri, "validation", options=train_options, training=False)``.
 
     Returns:
         A ``tf.data.Dataset`` of ``(images, labels)``: images ``(batch, h, w, 3)``, labels
@@ -334,6 +375,7 @@ def make_dataset(
         ``class_names`` attribute is the manifest's labels in label order.
 
     Raises:
+        TypeError, ValueError: an option of the wrong type or out of range, naming it.
         DatasetError: no or invalid ``s3tfr_manifest.json``, unknown split, a listed shard
             missing or of the wrong size, shards that do not match the manifest's
             ``compression``, or S3 refusing the credentials or out of reach. While
@@ -341,29 +383,68 @@ def make_dataset(
             ``attempts`` or holds fewer or more records than listed fails the iteration
             with a ``tf.errors.OpError`` whose message is the ``DatasetError``'s.
     """
-    if isinstance(normalize, str) and normalize == "transform_fn":
-        normalize = transform.pixel_normalizer(transform.load_analysis(uri, config))
-    ops.check_options(resize, normalize, dtype)
-    if input_context is not None:
-        num_workers = input_context.num_input_pipelines
-        worker_index = input_context.input_pipeline_id
-        batch_size = input_context.get_per_replica_batch_size(batch_size)
-    shuffle = training if shuffle is None else shuffle
-    drop_remainder = training if drop_remainder is None else drop_remainder
-    if deterministic is None:
-        deterministic = seed is not None or not shuffle
-    if augment is None or augment is True:
-        augment = ops.Augment() if training else None
-    elif augment is False:
-        augment = None
-    image_size = tuple(int(v) for v in image_size)
+    # _with_options has folded the option keywords into `options`.
+    opts = options.resolve(input_context, uri=uri, config=config)
+    plan = _plan(uri, split, opts, config)
+    if cache is None:
+        kwargs = {"max_bytes": opts.cache_max_bytes} if opts.cache_max_bytes else {}
+        cache = ShardCache(opts.cache_dir, verify=opts.verify, config=config, **kwargs)
+    stats = stats if stats is not None else ReaderStats()
+    stats.cache = cache.stats
+    reader = _ShardReader(plan, opts, cache, stats)
+    ds = _shard_order(plan, opts, reader).interleave(
+        reader.read,
+        cycle_length=plan.cycle,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=opts.deterministic,
+    )
+    ds = _batches(ds, plan, opts)
+    tf_options = tf.data.Options()
+    tf_options.deterministic = opts.deterministic
+    # The py_function stages hold no iterator state (a path is a function of the shard
+    # index), so saving the iterator without them resumes exactly.
+    tf_options.experimental_external_state_policy = (
+        tf.data.experimental.ExternalStatePolicy.IGNORE
+    )
+    ds = ds.with_options(tf_options)
+    # As tf.keras.utils.image_dataset_from_directory sets it (a transformed dataset, such
+    # as ds.map(...), does not carry it over).
+    ds.class_names = list(plan.labels)
+    return ds
 
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What one ``make_dataset`` call reads: the split's shards and this worker's share.
+
+    Attributes:
+        uris, entries: every shard of the split, its URI and its manifest entry.
+        indices: the shards this worker reads, in manifest order.
+        by_record: every worker reads every shard, keeping every ``num_workers``-th record.
+        expected: records this worker reads per shard (indexed like ``uris``).
+        cycle: shards read at once.
+    """
+
+    uri: str
+    labels: list[str]
+    compression: str
+    uris: list[str]
+    entries: list[dict]
+    indices: list[int]
+    by_record: bool
+    expected: list[int]
+    cycle: int
+
+
+def _plan(uri: str, split: str, opts: ResolvedOptions, config: S3Config | None) -> _Plan:
+    """Reads and checks the manifest and the split's shards; raises ``DatasetError``."""
     info = load_info(uri, config)
     shards = shard_uris(info, uri, split)
     if not shards:
         raise DatasetError(f"split {split!r} of {uri} has no shards")
     _check_present(uri, shards, config)
-    indices, by_record = _worker_shards(len(shards), num_workers, worker_index)
+    indices, by_record = _worker_shards(len(shards), opts.num_workers, opts.worker_index)
     compression = info.get("compression", "")
     # One shard's head, before anything is cached: a manifest whose 'compression' does not
     # match the shards is refused here (each shard is checked again when opened).
@@ -372,90 +453,163 @@ def make_dataset(
         first_uri, _head(first_uri, first, config), compression, first["bytes"]
     ):
         raise DatasetError(problem)
-    if cache is None:
-        kwargs = {"max_bytes": cache_max_bytes} if cache_max_bytes else {}
-        cache = ShardCache(cache_dir, verify=verify, config=config, **kwargs)
-    stats = stats if stats is not None else ReaderStats()
-    stats.cache = cache.stats
-    uris = [u for u, _ in shards]
     entries = [e for _, e in shards]
     expected = [
-        len(range(worker_index, e["examples"], num_workers)) if by_record else e["examples"]
+        len(range(opts.worker_index, e["examples"], opts.num_workers))
+        if by_record
+        else e["examples"]
         for e in entries
     ]
-    num_classes = len(info["labels"])
-    cycle = cycle_length or min(len(indices), max(4, usable_cpus()))
-    # What one iteration holds at most: shards fetched ahead, and the interleave's current
-    # and next inputs; twice that, so only an abandoned iteration's shards are let go.
-    owner = cache.new_owner(2 * (prefetch_shards + 2 * cycle) + 4)
+    return _Plan(
+        uri=uri,
+        labels=list(info["labels"]),
+        compression=compression,
+        uris=[u for u, _ in shards],
+        entries=entries,
+        indices=indices,
+        by_record=by_record,
+        expected=expected,
+        cycle=opts.cycle_length or min(len(indices), max(4, usable_cpus())),
+    )
 
-    def _schedule(i):
+
+def _shard_order(plan: _Plan, opts: ResolvedOptions, reader: _ShardReader) -> tf.data.Dataset:
+    """This worker's shard indices, shuffled per iteration when shuffling, each with the
+    root of its records' augmentation seeds; on S3 each shard's fetch is scheduled here,
+    ``prefetch_shards`` ahead of the reader."""
+    order = tf.data.Dataset.from_tensor_slices(tf.constant(plan.indices, tf.int64))
+    if opts.shuffle:
+        order = order.shuffle(len(plan.indices), seed=opts.seed, reshuffle_each_iteration=True)
+    # One random int64 per shard per iteration: the root of its records' augmentation seeds.
+    roots = tf.data.Dataset.random(seed=opts.seed, rerandomize_each_iteration=True)
+    order = tf.data.Dataset.zip(order, roots)
+    if s3.is_s3(plan.uri):
+        order = order.map(
+            lambda i, r: (tf.py_function(_Calls.tracked(reader.schedule), [i], tf.int64), r),
+            num_parallel_calls=None,
+        ).prefetch(opts.prefetch_shards)
+    return order
+
+
+class _ShardReader:
+    """Reads one shard for the interleave (``read``), with the py_function calls that hold
+    its file in the cache and count its records against the manifest."""
+
+    def __init__(
+        self, plan: _Plan, opts: ResolvedOptions, cache: ShardCache, stats: ReaderStats
+    ) -> None:
+        self.plan, self.opts, self.cache, self.stats = plan, opts, cache, stats
+        # What one iteration holds at most: shards fetched ahead, and the interleave's
+        # current and next inputs; twice that, so only an abandoned iteration's shards
+        # are let go.
+        self.owner = cache.new_owner(2 * (opts.prefetch_shards + 2 * plan.cycle) + 4)
+
+    def schedule(self, i):
         i = int(i)
-        cache.schedule(uris[i], entries[i], owner)
+        self.cache.schedule(self.plan.uris[i], self.plan.entries[i], self.owner)
         return i
 
-    def _open(i):
+    def _open(self, i):
         i = int(i)
-        path, ticket = cache.get(uris[i], entries[i], owner)
+        uri, entry = self.plan.uris[i], self.plan.entries[i]
+        path, ticket = self.cache.get(uri, entry, self.owner)
         try:
             with open(path, "rb") as f:
                 head = f.read(_HEAD_BYTES)
-            if problem := _framing_problem(uris[i], head, compression, entries[i]["bytes"]):
+            if problem := _framing_problem(uri, head, self.plan.compression, entry["bytes"]):
                 raise DatasetError(problem)
         except BaseException:
-            cache.release(ticket)
+            self.cache.release(ticket)
             raise
         return path, ticket
 
-    def _report(i, ticket, decoded, read, first_bad):
+    def _report(self, i, ticket, decoded, read, first_bad):
         i, decoded, read, first_bad = int(i), int(decoded), int(read), int(first_bad)
-        cache.release(int(ticket))
-        where = f"this worker's share of shard {uris[i]}" if by_record else f"shard {uris[i]}"
-        if read != expected[i]:
+        self.cache.release(int(ticket))
+        uri, expected, by_record = self.plan.uris[i], self.plan.expected[i], self.plan.by_record
+        where = f"this worker's share of shard {uri}" if by_record else f"shard {uri}"
+        if read != expected:
             raise DatasetError(
-                f"{where} holds {read} records but {MANIFEST} lists {expected[i]}: "
+                f"{where} holds {read} records but {MANIFEST} lists {expected}: "
                 "the manifest does not match its shards; rerun the convert job"
             )
         if bad := read - decoded:
-            with stats._lock:
-                stats.skipped[uris[i]] += bad
+            with self.stats._lock:
+                self.stats.skipped[uri] += bad
             log.warning(
                 "skipped %d of %d records of shard %s (malformed example or undecodable "
                 "image; the first is record %d)",
                 bad,
                 read,
-                uris[i],
-                first_bad * num_workers + worker_index if by_record else first_bad,
+                uri,
+                first_bad * self.opts.num_workers + self.opts.worker_index
+                if by_record
+                else first_bad,
             )
         return decoded
 
-    order = tf.data.Dataset.from_tensor_slices(tf.constant(indices, tf.int64))
-    if shuffle:
-        order = order.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
-    # One random int64 per shard per iteration: the root of its records' augmentation seeds.
-    roots = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-    order = tf.data.Dataset.zip(order, roots)
-    if s3.is_s3(uri):
-        order = order.map(
-            lambda i, r: (tf.py_function(_Calls.tracked(_schedule), [i], tf.int64), r),
-            num_parallel_calls=None,
-        ).prefetch(prefetch_shards)
+    def read(self, i, root):
+        # Here, not in a map before the interleave: a restored iterator makes its current
+        # shards again through this function, and so holds their files again.
+        path, ticket = tf.py_function(_Calls.tracked(self._open), [i], [tf.string, tf.int64])
+        path.set_shape([])
+        records = tf.data.TFRecordDataset(path, compression_type=self.plan.compression)
+        if self.plan.by_record:
+            records = records.shard(self.opts.num_workers, self.opts.worker_index)
+        if self.opts.skip_bad_records:
+            return self._decoded_shard(records, i, ticket, root)
+        return self._shard_chunks(records, i, ticket, root)
 
-    def _record(j, record, root):
-        example = tf.io.parse_single_example(record, _FEATURES)
-        seed_pair = tf.stack([root, tf.cast(j, tf.int64)])
-        image = ops.to_image(example["image/encoded"], image_size, resize, augment, seed_pair)
-        return image, example["image/class/label"]
+    def _shard_chunks(self, records, i, ticket, root):
+        """A shard's records in parsed chunks of up to ``_CHUNK``: ``(encoded, labels,
+        seeds)``, counted against the manifest at the end.
 
-    def _decoded_shard(records, i, ticket, root):
+        Counted, parsed and interleaved in chunks, those stages cost once per chunk, not
+        per record (per record they took 5 % of an evaluation pass); the decode comes
+        after the interleave, in one parallel map.
+        """
+
+        def _count(read, element):
+            chunk, end = element
+            # The end unholds the shard's file and checks the count (raising if wrong).
+            reported = tf.cond(
+                end,
+                lambda: tf.py_function(
+                    _Calls.tracked(self._report), [i, ticket, read, read, -1], tf.int64
+                ),
+                lambda: read,
+            )
+            return read + tf.size(chunk, tf.int64), (chunk, read, end, reported)
+
+        def _parse(chunk, first, end, _):
+            examples = tf.io.parse_example(chunk, _FEATURES)
+            js = first + tf.range(tf.size(chunk, tf.int64))
+            seeds = tf.stack([tf.fill(tf.shape(js), root), js], axis=1)
+            return examples["image/encoded"], examples["image/class/label"], seeds
+
+        chunks = records.batch(_CHUNK).map(lambda chunk: (chunk, False))
+        end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), True))
+        counted = chunks.concatenate(end).scan(tf.constant(0, tf.int64), _count)
+        return counted.filter(lambda chunk, first, end, _: not end).map(_parse)
+
+    def _decoded_shard(self, records, i, ticket, root):
         """``skip_bad_records``: a shard's records decoded one at a time, in groups each
         under ``ignore_errors()``, followed by a tally of how far the group got; the
         records read and decoded counted against the manifest at the end."""
+        opts = self.opts
         nothing = tf.zeros([0, 0, 3], tf.uint8)
+
+        def _record(j, record):
+            example = tf.io.parse_single_example(record, _FEATURES)
+            seed_pair = tf.stack([root, tf.cast(j, tf.int64)])
+            image = ops.to_image(
+                example["image/encoded"], opts.image_size, opts.resize, opts.augment, seed_pair
+            )
+            return image, example["image/class/label"]
 
         def _decode(js, group):
             examples = tf.data.Dataset.from_tensor_slices((js, group)).map(
-                lambda j, record: (*_record(j, record, root), j, _EXAMPLE)
+                lambda j, record: (*_record(j, record), j, _EXAMPLE)
             )
             # After the group's examples, how far it reached, decoded or not.
             tally = (nothing, tf.constant(-1, tf.int64), js[-1] + 1, _TALLY)
@@ -477,7 +631,9 @@ def make_dataset(
             reported = tf.cond(
                 kind == _END,
                 lambda: tf.py_function(
-                    _Calls.tracked(_report), [i, ticket, decoded, read, first_bad], tf.int64
+                    _Calls.tracked(self._report),
+                    [i, ticket, decoded, read, first_bad],
+                    tf.int64,
                 ),
                 lambda: decoded,
             )
@@ -486,116 +642,60 @@ def make_dataset(
         zero = tf.constant(0, tf.int64)
         counted = elements.scan((zero, zero, zero, tf.constant(-1, tf.int64)), _count)
         return counted.filter(lambda image, label, kind, _: kind == _EXAMPLE).map(
-            lambda image, label, kind, _: (tf.ensure_shape(image, [*image_size, 3]), label)
+            lambda image, label, kind, _: (tf.ensure_shape(image, [*opts.image_size, 3]), label)
         )
 
-    def _shard_chunks(records, i, ticket, root):
-        """A shard's records in parsed chunks of up to ``_CHUNK``: ``(encoded, labels,
-        seeds)``, counted against the manifest at the end.
 
-        Counted, parsed and interleaved in chunks, those stages cost once per chunk, not
-        per record (per record they took 5 % of an evaluation pass); the decode comes
-        after the interleave, in one parallel map.
-        """
-
-        def _count(read, element):
-            chunk, end = element
-            # The end unholds the shard's file and checks the count (raising if wrong).
-            reported = tf.cond(
-                end,
-                lambda: tf.py_function(
-                    _Calls.tracked(_report), [i, ticket, read, read, -1], tf.int64
-                ),
-                lambda: read,
-            )
-            return read + tf.size(chunk, tf.int64), (chunk, read, end, reported)
-
-        def _parse(chunk, first, end, _):
-            examples = tf.io.parse_example(chunk, _FEATURES)
-            js = first + tf.range(tf.size(chunk, tf.int64))
-            seeds = tf.stack([tf.fill(tf.shape(js), root), js], axis=1)
-            return examples["image/encoded"], examples["image/class/label"], seeds
-
-        chunks = records.batch(_CHUNK).map(lambda chunk: (chunk, False))
-        end = tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), True))
-        counted = chunks.concatenate(end).scan(tf.constant(0, tf.int64), _count)
-        return counted.filter(lambda chunk, first, end, _: not end).map(_parse)
-
-    def _read_shard(i, root):
-        # Here, not in a map before the interleave: a restored iterator makes its current
-        # shards again through this function, and so holds their files again.
-        path, ticket = tf.py_function(_Calls.tracked(_open), [i], [tf.string, tf.int64])
-        path.set_shape([])
-        records = tf.data.TFRecordDataset(path, compression_type=compression)
-        if by_record:
-            records = records.shard(num_workers, worker_index)
-        if skip_bad_records:
-            return _decoded_shard(records, i, ticket, root)
-        return _shard_chunks(records, i, ticket, root)
-
-    ds = order.interleave(
-        _read_shard,
-        cycle_length=cycle,
-        block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=deterministic,
-    )
+def _batches(ds: tf.data.Dataset, plan: _Plan, opts: ResolvedOptions) -> tf.data.Dataset:
+    """The interleave's output (parsed chunks, or decoded records with
+    ``skip_bad_records``) -> shuffle, decode, batch, normalise, one-hot, prefetch."""
     # The shuffle buffer holds the records as stored (before the decode) or uint8
     # images (after it), whichever is smaller by the manifest's mean record size. Before
     # it, the decode goes straight to the output dtype and scale, one image at a time:
     # passes over a whole batch run out of the CPU's caches (normalising uint8 batches
     # took a sixth of an evaluation pass's time).
-    mean_record = sum(e["bytes"] for e in entries) / max(
-        1, sum(e["examples"] for e in entries)
+    image_size, normalize, dtype = opts.image_size, opts.normalize, opts.dtype
+    mean_record = sum(e["bytes"] for e in plan.entries) / max(
+        1, sum(e["examples"] for e in plan.entries)
     )
-    images_shuffled = shuffle and (
-        skip_bad_records or mean_record > image_size[0] * image_size[1] * 3
+    images_shuffled = opts.shuffle and (
+        opts.skip_bad_records or mean_record > image_size[0] * image_size[1] * 3
     )
-    per_image = not (skip_bad_records or images_shuffled or callable(normalize))
+    per_image = not (opts.skip_bad_records or images_shuffled or callable(normalize))
     pixels = tf.uint8 if images_shuffled or dtype == tf.uint8 else tf.float32
 
     def _image(encoded, label, seed):
-        image = ops.to_image(encoded, image_size, resize, augment, seed, dtype=pixels)
+        image = ops.to_image(encoded, image_size, opts.resize, opts.augment, seed, dtype=pixels)
         if per_image:
             image = ops.normalize_batch(image, normalize, dtype)
         return image, label
 
-    if not skip_bad_records:
+    if not opts.skip_bad_records:
         ds = ds.unbatch()
         # Exact, so Keras knows the steps per epoch: every shard's records are counted
         # against the manifest at its end, and any difference fails the iteration there,
         # so this worker yields exactly this many records or raises first. Skipped
         # records cannot be known ahead: then the cardinality stays unknown.
-        records = sum(expected[i] for i in indices)
+        records = sum(plan.expected[i] for i in plan.indices)
         ds = ds.apply(tf.data.experimental.assert_cardinality(records))
-        if shuffle and not images_shuffled:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if opts.shuffle and not images_shuffled:
+            ds = ds.shuffle(opts.shuffle_buffer, seed=opts.seed, reshuffle_each_iteration=True)
         ds = ds.map(
-            _image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+            _image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic
         )
     if images_shuffled:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.shuffle(opts.shuffle_buffer, seed=opts.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(opts.batch_size, drop_remainder=opts.drop_remainder)
 
     def _finish(images, labels):
         if not per_image:
             images = ops.normalize_batch(images, normalize, dtype)
-        if one_hot:
-            labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
+        if opts.one_hot:
+            labels = tf.one_hot(labels, len(plan.labels), dtype=tf.float32)
         return images, labels
 
-    if one_hot or not per_image:
+    if opts.one_hot or not per_image:
         ds = ds.map(
-            _finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+            _finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=opts.deterministic
         )
-    ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    # The py_function stages hold no iterator state (a path is a function of the shard
-    # index), so saving the iterator without them resumes exactly.
-    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
-    ds = ds.with_options(options)
-    # As tf.keras.utils.image_dataset_from_directory sets it (a transformed dataset, such
-    # as ds.map(...), does not carry it over).
-    ds.class_names = list(info["labels"])
-    return ds
+    return ds.prefetch(tf.data.AUTOTUNE)
