@@ -32,6 +32,9 @@ BEAM = [
     "apache-beam[aws]>=2.77,<3",
     "tensorflow-transform>=1.21",
     "pillow>=12.0",
+    # The JPEG path (transforms/turbo.py); the versions used are in each manifest.
+    "simplejpeg>=1.9,<2",
+    "opencv-python-headless>=4.10",
     "matplotlib>=3.9",
     "rich>=13",
 ]

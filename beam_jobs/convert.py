@@ -37,6 +37,7 @@ from s3tfr import s3, storage
 from s3tfr.contract import REJECTED_FILE, TOOL
 from s3tfr.manifest import load_info, s3_error
 from s3tfr.s3 import S3Config
+from transforms import turbo
 from transforms.commit import (
     ForeignFile,
     Lease,
@@ -328,6 +329,9 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
         "tool": TOOL,
         "source": {"uri": opts.input},
         "options": _options_record(opts, resize),
+        # The libraries whose code decides the output bytes (the launcher's; workers run
+        # the same pinned requirements).
+        "codecs": turbo.versions(),
         "compression": "GZIP" if opts.compression == "gzip" else "",
     }
     with _output_lease(opts.output, config) as output_run:

@@ -406,14 +406,15 @@ def test_user_errors_are_one_clear_line(s3_bucket, tmp_path, capsys, make_args, 
     assert "Traceback" not in "\n".join(err)
 
 
-# The bytes a fixed input converts to, with the pinned Pillow (libjpeg-turbo) and zlib: a
-# change to the code that alters any output byte fails here, as does a dependency upgrade
-# that does (then check the outputs, and record the new hashes in the same change).
+# The bytes a fixed input converts to, with the pinned Pillow, simplejpeg (libjpeg-turbo),
+# OpenCV and zlib: a change to the code that alters any output byte fails here, as does a
+# dependency upgrade that does (then check the outputs, and record the new hashes in the
+# same change).
 GOLDEN = {
-    "train-00000-of-00002.tfrecord": "9a879a7e7f8d3c16bab180ebb90a64039713c8e5fcef7d3443e602faf8fe10f7",
-    "train-00001-of-00002.tfrecord": "2ff256f2eefa7d02083f9bcc51d57b388d7297d251f6364f6d8578699d7f3638",
-    "validation-00000-of-00002.tfrecord": "4250372180367452f7491a9416f4751193f16f9df50ba81c97a3c457d86496dd",
-    "validation-00001-of-00002.tfrecord": "45d422b0e9c015a36f88e96dae37c9a1d42d808b2880bc0741e77d61f5b6b5c6",
+    "train-00000-of-00002.tfrecord": "d92b77e13b3627fd1b99d512638116a1967b7a419b0081fdd6c148ffcb68ec9e",
+    "train-00001-of-00002.tfrecord": "a6ec306ed00d765c6ff8e48ea20758b4280099ca1171e3f8095fcfa9146625ef",
+    "validation-00000-of-00002.tfrecord": "3a9213d1a8b485b6c63ac8a3e75de1badeaa3830ab0b3e556970cafc72b062b0",
+    "validation-00001-of-00002.tfrecord": "7a0423cc1fb23e4a8080149d75703663556cc2eb730e0c8e72350ebe3f47a163",
     "labels.txt": "0e400cbf0a12179f11f768ecdbfc0f9d7120fd15c830b72556de502b3f427206",
     "rejected.jsonl": "bdf3ff5ec71ce0f00d081843c2b97bd071abb5aeeedf478b64a6ea584ce82dd4",
 }

@@ -447,11 +447,11 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / l
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
 def test_keep_freed_heap_stops_faulting_in_memory_for_every_image(tmp_path):
+    # PNGs: Pillow's path, which holds the whole decoded image (a resized JPEG is decoded
+    # at a reduced DCT scale into buffers that stay under the trim threshold).
     rng = np.random.default_rng(5)
     for i in range(40):
-        (tmp_path / f"{i:02d}.jpg").write_bytes(
-            encode(photo_like(500, 375, rng), "JPEG", quality=90)
-        )
+        (tmp_path / f"{i:02d}.png").write_bytes(encode(photo_like(500, 375, rng), "PNG"))
 
     def faults(mode: str) -> tuple[str, float]:
         out = subprocess.run(
@@ -464,7 +464,131 @@ def test_keep_freed_heap_stops_faulting_in_memory_for_every_image(tmp_path):
     default, kept = faults("default"), faults("keep")
     assert kept[0] == "True"
     # By default each 500x375 conversion in a fresh process faults its decoded and
-    # resized images in anew (~300 pages). (A centre crop resamples only the crop, whose
+    # resized images in anew (hundreds of pages). (A centre crop resamples only the crop, whose
     # smaller buffers stay under the trim threshold: ~20 pages either way.)
     assert default[1] > 100
     assert kept[1] < default[1] / 10
+
+
+# The JPEG path (transforms.turbo): DCT-scaled decode, OpenCV warp, libjpeg-turbo encode.
+
+
+def _pillow_path(monkeypatch, data: bytes, resize: Resize, **kwargs):
+    """``convert_image`` with the JPEG path declined, as for a source it does not take."""
+    with monkeypatch.context() as m:
+        m.setattr(images.turbo, "fits", lambda *args: False)
+        return convert_image(data, resize, **kwargs)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+def _float_reference(data: bytes, resize: Resize) -> np.ndarray:
+    """Full decode, float Lanczos resize of the whole image to the target, then the
+    centre crop: independent of the converter's geometry code."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = resize.target(*image.size)
+    pixels = np.asarray(image, np.float32)
+    out = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(np.ascontiguousarray(pixels[..., k]), "F").resize(
+                    (width, height), Image.Resampling.LANCZOS
+                )
+            )
+            for k in range(3)
+        ],
+        axis=-1,
+    )
+    if resize.mode == "crop":
+        left, top = (width - resize.width) // 2, (height - resize.height) // 2
+        out = out[top : top + resize.height, left : left + resize.width]
+    return np.clip(out, 0, 255)
+
+
+@pytest.mark.parametrize(
+    "size, spec",
+    [
+        ((500, 375), "crop:224x224"),  # 5/8 DCT scale, a warp of ~1.05
+        ((1600, 1200), "crop:224x224"),  # 2/8, then 1.34 source pixels an output one: blur
+        ((3000, 2000), "crop:64x64"),  # 1/8, then 3.9: blur
+        ((120, 90), "crop:224x224"),  # upscaled
+        ((640, 480), "shorter:256"),
+        ((640, 480), "fit:200x150"),
+        ((375, 500), "crop:224x160"),
+    ],
+)
+def test_jpeg_path_is_as_close_to_a_float_reference_as_pillow(size, spec, monkeypatch):
+    resize = parse_resize(spec)
+    data = encode(photo_like(*size, np.random.default_rng(11)), "JPEG", quality=92)
+    fast = convert_image(data, resize)
+    slow = _pillow_path(monkeypatch, data, resize)
+    assert (fast.width, fast.height) == (slow.width, slow.height)
+    assert fast.encoded != slow.encoded  # the two paths really differ
+    reference = _float_reference(data, resize)
+    fast_psnr = _psnr(_decode(fast.encoded), reference)
+    slow_psnr = _psnr(_decode(slow.encoded), reference)
+    assert fast_psnr > slow_psnr - 0.5, (fast_psnr, slow_psnr)
+    assert fast_psnr > 28
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_path_applies_every_exif_orientation(orientation, monkeypatch):
+    image = photo_like(96, 64, np.random.default_rng(orientation))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    for spec in ("crop:48x40", "fit:60x60"):
+        fast = convert_image(data, parse_resize(spec))
+        slow = _pillow_path(monkeypatch, data, parse_resize(spec))
+        assert (fast.width, fast.height) == (slow.width, slow.height)
+        difference = np.abs(
+            _decode(fast.encoded).astype(np.float64) - _decode(slow.encoded)
+        ).mean()
+        assert difference < 6, (spec, difference)  # a wrong rotation differs by ~40
+
+
+def test_jpeg_path_gray_channels_and_png_output(monkeypatch):
+    rgb = encode(photo_like(300, 200, np.random.default_rng(2)), "JPEG", quality=90)
+    gray = encode(photo_like(300, 200, np.random.default_rng(2)).convert("L"), "JPEG")
+    crop = parse_resize("crop:100x100")
+    for data, channels, image_format in itertools.product(
+        (rgb, gray), (1, 3), ("jpeg", "png")
+    ):
+        fast = convert_image(data, crop, channels=channels, image_format=image_format)
+        slow = _pillow_path(
+            monkeypatch, data, crop, channels=channels, image_format=image_format
+        )
+        pixels = _decode(fast.encoded)
+        assert pixels.shape == _decode(slow.encoded).shape
+        assert pixels.shape == ((100, 100) if channels == 1 else (100, 100, 3))
+        assert Image.open(io.BytesIO(fast.encoded)).format == image_format.upper()
+        difference = np.abs(pixels.astype(np.float64) - _decode(slow.encoded)).mean()
+        assert difference < 4, (channels, image_format, difference)
+
+
+def test_jpeg_path_leaves_damaged_and_odd_jpegs_to_pillow():
+    crop = parse_resize("crop:64x64")
+    with pytest.raises(ImageError) as excinfo:
+        convert_image(_truncated_jpeg(), crop)
+    assert excinfo.value.code == "truncated"
+    tiny = encode(_solid("RGB", (9, 7), (10, 200, 30)), "JPEG")  # below turbo.MIN_SIDE
+    assert _decode(convert_image(tiny, crop).encoded).shape == (64, 64, 3)
+    cmyk = encode(_solid("CMYK", (80, 80), (0, 255, 255, 0)), "JPEG")
+    assert _decode(convert_image(cmyk, crop).encoded)[32, 32, 0] > 200  # red
+
+
+def test_jpeg_path_gives_the_same_bytes_from_every_thread():
+    from concurrent.futures import ThreadPoolExecutor
+
+    sources = [
+        encode(photo_like(500, 375, np.random.default_rng(k)), "JPEG", quality=90)
+        for k in range(8)
+    ]
+    crop = parse_resize("crop:224x224")
+    expected = [convert_image(d, crop).encoded for d in sources]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda d: convert_image(d, crop).encoded, sources))
+            assert got == expected

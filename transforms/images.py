@@ -1,7 +1,9 @@
 """Image functions: bytes of any image file in, a normalised encoded image out.
 
-Pure Python + Pillow, no Beam: the DoFns, the benchmarks' compute limit and the tests all
-call :func:`convert_image`. What it guarantees:
+Pillow, libjpeg-turbo and OpenCV, no Beam: the DoFns, the benchmarks' compute limit and
+the tests all call :func:`convert_image`. A resized JPEG goes through
+:mod:`transforms.turbo` (DCT-scaled decode, SIMD resampling, libjpeg-turbo encode); every
+other input, and a JPEG that path declines, through Pillow. What it guarantees:
 
 - the format is decided by content, never by file extension, and only JPEG, PNG, GIF,
   WebP, TIFF, BMP and MPO files reach a decoder;
@@ -30,6 +32,8 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from transforms import turbo
 
 __all__ = [
     "DEFAULT_JPEG_QUALITY",
@@ -490,6 +494,17 @@ def _convert(
             "that shrinks it",
         )
 
+    if (
+        image.format in ("JPEG", "MPO")
+        and image.mode in ("RGB", "L")
+        and resize.mode != "none"
+    ):
+        converted = _convert_turbo(
+            data, image, resize, orientation, channels, image_format, jpeg_quality, stage
+        )
+        if converted is not None:
+            return converted
+
     stage.enter("decode")
     if image.format == "JPEG" and resize.mode != "none":
         # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale when that still
@@ -532,14 +547,10 @@ def _convert(
 
     stage.enter("resize")
     if resize.mode == "crop":
-        # Only the source pixels under the centre crop are resampled, straight to the
-        # output size: the same filter positions as resizing the whole image to the
-        # target and cropping it, without computing the columns or rows cut away.
-        left = (target_width - resize.width) // 2
-        top = (target_height - resize.height) // 2
-        scale_x, scale_y = image.width / target_width, image.height / target_height
-        box = (left * scale_x, top * scale_y,
-               (left + resize.width) * scale_x, (top + resize.height) * scale_y)  # fmt: skip
+        box, _ = _resize_geometry(
+            resize, target_width, target_height,
+            image.width / target_width, image.height / target_height,
+        )  # fmt: skip
         if image.size != (resize.width, resize.height) or box[:2] != (0, 0):
             image = image.resize(
                 (resize.width, resize.height), Image.Resampling.BILINEAR, box=box,
@@ -565,6 +576,77 @@ def _convert(
     return ConvertedImage(
         encoded, image_format, image.height, image.width, channels,
         source_format, source_height, source_width,
+    )  # fmt: skip
+
+
+def _resize_geometry(
+    resize: Resize, target_width: int, target_height: int, scale_x: float, scale_y: float
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """The box to resample and the output size, for a source resized to ``target`` and
+    held in an image of ``scale_x`` x ``scale_y`` its pixels per target pixel.
+
+    With ``crop``, only the source pixels under the centre crop are resampled, straight
+    to the output size: the same filter positions as resizing the whole image to the
+    target and cropping it, without computing the columns or rows cut away.
+    """
+    if resize.mode != "crop":
+        box = (0.0, 0.0, target_width * scale_x, target_height * scale_y)
+        return box, (target_width, target_height)
+    left = (target_width - resize.width) // 2
+    top = (target_height - resize.height) // 2
+    box = (left * scale_x, top * scale_y,
+           (left + resize.width) * scale_x, (top + resize.height) * scale_y)  # fmt: skip
+    return box, (resize.width, resize.height)
+
+
+def _convert_turbo(
+    data: bytes,
+    image: Image.Image,
+    resize: Resize,
+    orientation: int,
+    channels: int,
+    image_format: str,
+    jpeg_quality: int,
+    stage: _Stage,
+) -> ConvertedImage | None:
+    """A resized JPEG through libjpeg-turbo and OpenCV (``transforms.turbo``); ``None``
+    where that path does not apply or libjpeg-turbo reports damage, and Pillow's path
+    then converts or rejects it."""
+    width, height = image.size
+    rotated = orientation in (5, 6, 7, 8)
+    source_width, source_height = (height, width) if rotated else (width, height)
+    target_width, target_height = resize.target(source_width, source_height)
+    need = (target_height, target_width) if rotated else (target_width, target_height)
+    eighths = turbo.scale_eighths(width, height, *need)
+    scale = eighths / 8
+    box, size = _resize_geometry(
+        resize, target_width, target_height,
+        scale * source_width / target_width, scale * source_height / target_height,
+    )  # fmt: skip
+    if not turbo.fits(width, height, eighths, size):
+        return None
+    stage.enter("decode")
+    # Gray sources stay gray until after the resize: the same pixels, a third of the work.
+    gray = channels == 1 or image.mode == "L"
+    pixels = turbo.decode(data, width, height, eighths, gray)
+    if pixels is None:
+        return None
+    stage.enter("convert")
+    method = _TRANSPOSE.get(orientation)
+    if method is not None:
+        pixels = turbo.transpose(pixels, method)
+    stage.enter("resize")
+    pixels = turbo.resample(pixels, box, size)
+    if channels == 3 and pixels.ndim == 2:
+        pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+    stage.enter("encode")
+    if image_format == "png":
+        encoded = _encode(Image.fromarray(pixels), format="PNG", compress_level=6)
+    else:
+        encoded = turbo.encode_jpeg(pixels, jpeg_quality)
+    return ConvertedImage(
+        encoded, image_format, size[1], size[0], channels,
+        image.format.lower(), source_height, source_width,
     )  # fmt: skip
 
 
