@@ -10,9 +10,7 @@ are mostly start-up (its marginal rates are noise).
 The first run makes Ray's virtual environment, ``.bench-venvs/ray/`` (git-ignored; a few
 minutes, about 2.7 GB, TensorFlow being most of it), and later runs reuse it until
 ``RAY_REQUIREMENTS`` change. Where it cannot be made (no package index), the Ray rows
-say why and the rest runs. The simplejpeg row needs ``pip install simplejpeg`` in the
-project's environment (a benchmark-only package, not a requirement); without it, the row
-says so.
+say why and the rest runs.
 
 Convert. Photo-like 500x375 quality-90 JPEGs in 4 class folders (4N generated; the N
 tree links the first N of them) -> shorter side 224 -> centre crop 224x224 -> JPEG
