@@ -46,6 +46,7 @@ from transforms.commit import (
     OutputBusy,
     OutputRun,
 )
+from transforms.content import Deduplicate, HashSources
 from transforms.examples import ConvertSettings
 from transforms.images import (
     DEFAULT_JPEG_QUALITY,
@@ -101,6 +102,20 @@ class ConvertOptions(PipelineOptions):
             "--split_from_dirs",
             action="store_true",
             help="the input is laid out <split>/<class>/<file>: take splits from it",
+        )
+        parser.add_argument(
+            "--split_by",
+            default="key",
+            choices=("key", "content"),
+            help="pick each image's split by a hash of its key, or of its bytes (content: "
+            "exact duplicates share a split; reads every source once more)",
+        )
+        parser.add_argument(
+            "--dedupe",
+            default="none",
+            choices=("none", "exact"),
+            help="exact: keep one image per content (the first key); reject its twins, "
+            "each naming the one kept (reads every source once more)",
         )
         parser.add_argument(
             "--split_salt",
@@ -179,6 +194,11 @@ def _validate(opts: ConvertOptions) -> Resize:
             raise UserError(f"--{flag} must be positive")
     if opts.num_shards < 0:
         raise UserError("--num_shards must be 0 (by size) or positive")
+    if opts.split_by == "content" and opts.split_from_dirs:
+        raise UserError(
+            "--split_by content picks the splits itself; --split_from_dirs takes them "
+            "from the folders: give one of them"
+        )
     try:
         return parse_resize(opts.resize)
     except ValueError as e:
@@ -270,7 +290,8 @@ def _read_labels(uri: str, config: S3Config) -> list[str]:
 def _options_record(opts: ConvertOptions, resize: Resize) -> dict:
     """The conversion options as written to the manifest (no runner, no secrets)."""
     names = (
-        "validation_fraction", "split_from_dirs", "split_salt", "resize", "channels",
+        "validation_fraction", "split_from_dirs", "split_by", "dedupe", "split_salt",
+        "resize", "channels",
         "image_format", "jpeg_quality", "max_pixels", "shard_size_mb", "num_shards",
         "min_shards", "compression",
     )  # fmt: skip
@@ -376,9 +397,21 @@ def _convert(
         )
         sharding = ShardConfig(
             opts.validation_fraction, opts.split_salt, int(opts.shard_size_mb * 1024 * 1024),
-            opts.num_shards, opts.min_shards,
+            opts.num_shards, opts.min_shards, opts.split_by,
         )  # fmt: skip
-        assigned = listed["refs"] | "AssignShards" >> AssignShards(labels, sharding, estimate)
+        refs, content_rejected = listed["refs"], []
+        if opts.split_by == "content" or opts.dedupe == "exact":
+            progress.LOGGER.info("convert: reading every source once to hash its content …")
+            hashed = refs | "HashSources" >> HashSources(
+                opts.input, opts.max_concurrent_gets, config
+            )
+            refs = hashed["refs"]
+            content_rejected.append(hashed["rejected"])
+            if opts.dedupe == "exact":
+                deduplicated = refs | "Deduplicate" >> Deduplicate()
+                refs = deduplicated["refs"]
+                content_rejected.append(deduplicated["rejected"])
+        assigned = refs | "AssignShards" >> AssignShards(labels, sharding, estimate)
         written = assigned["groups"] | "WriteShards" >> WriteShards(
             opts.input,
             opts.output,
@@ -391,6 +424,7 @@ def _convert(
         )
         rejected = (
             listed["rejected"],
+            *content_rejected,
             assigned["rejected"],
             written["rejected"],
         ) | "AllRejected" >> beam.Flatten()

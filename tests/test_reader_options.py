@@ -142,8 +142,8 @@ def test_resolve_fills_in_the_defaults():
     evaluation = ReaderOptions(training=False).resolve()
     assert not evaluation.shuffle and not evaluation.drop_remainder
     assert evaluation.augment is None and evaluation.deterministic
-    # augment=True is the defaults when training; False is none.
-    assert ReaderOptions(training=False, augment=True).resolve().augment is None
+    # augment=True is the default augmentation, in evaluation too; False is none.
+    assert ReaderOptions(training=False, augment=True).resolve().augment == Augment()
     assert ReaderOptions(augment=False).resolve().augment is None
     flip = Augment(brightness=0, contrast=0)
     assert ReaderOptions(augment=flip).resolve().augment is flip

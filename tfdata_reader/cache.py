@@ -63,7 +63,7 @@ from s3tfr.contract import MANIFEST, fd_sha256, file_sha256
 from s3tfr.manifest import DatasetError, s3_error
 from s3tfr.s3 import S3Config
 
-__all__ = ["ShardCache", "default_cache_dir"]
+__all__ = ["VERIFY_MODES", "ShardCache", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ LOCK_TIMEOUT_S = 60.0
 STALE_PART_S = 60.0
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _PART_RE = re.compile(r"(\d+)-[0-9a-f]{32}\.part")
-_VERIFY_MODES = ("sha256", "size", "none")
+VERIFY_MODES = ("sha256", "size", "none")
 _RECHECK_MODES = ("sha256", "stat")
 _UNVERIFIED = "unverified"
 _TMP = "tmp"
@@ -273,8 +273,8 @@ class ShardCache:
         recheck: str = "sha256",
         attempts: int = DEFAULT_ATTEMPTS,
     ) -> None:
-        if verify not in _VERIFY_MODES:
-            raise ValueError(f"verify must be one of {_VERIFY_MODES}, not {verify!r}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, not {verify!r}")
         if recheck not in _RECHECK_MODES:
             raise ValueError(f"recheck must be one of {_RECHECK_MODES}, not {recheck!r}")
         if attempts < 1:

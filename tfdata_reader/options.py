@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from s3tfr.s3 import S3Config
 from tfdata_reader import ops, transform
-from tfdata_reader.cache import _VERIFY_MODES
+from tfdata_reader.cache import VERIFY_MODES
 
 __all__ = [
     "DEFAULT_PREFETCH_SHARDS",
@@ -88,9 +88,9 @@ class ReaderOptions:
         _integer("cache_max_bytes", self.cache_max_bytes, minimum=0, optional=True)
         _integer("prefetch_shards", self.prefetch_shards, minimum=0)
         _integer("cycle_length", self.cycle_length, minimum=1, optional=True)
-        if self.verify not in _VERIFY_MODES:
+        if self.verify not in VERIFY_MODES:
             raise ValueError(
-                f"verify must be one of {_VERIFY_MODES}, not {self.verify!r}"
+                f"verify must be one of {VERIFY_MODES}, not {self.verify!r}"
             )
 
     def resolve(
@@ -134,7 +134,9 @@ class ReaderOptions:
             deterministic = self.seed is not None or not shuffle
         else:
             deterministic = bool(self.deterministic)
-        if self.augment is None or self.augment is True:
+        if self.augment is True:
+            augment = ops.Augment()
+        elif self.augment is None:
             augment = ops.Augment() if training else None
         elif self.augment is False:
             augment = None

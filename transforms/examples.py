@@ -186,10 +186,14 @@ def convert_record(settings: ConvertSettings, item: ShardItem, data: bytes):
         :class:`Rejection`; never raises for a bad image (:func:`convert_image` raises
         only :class:`ImageError`, whose reason holds no byte of the input).
     """
+    digest = hashlib.sha256(data).hexdigest()
+    if item.sha256 and digest != item.sha256:
+        return Rejection(item.key, "fetch", "changed_while_converting",
+                         "its content changed after it was hashed to pick its split "
+                         "(something wrote it during the job): rerun")  # fmt: skip
     try:
         image = settings.convert(data)
     except ImageError as e:
         return Rejection(item.key, "decode", e.code, str(e))
-    digest = hashlib.sha256(data).hexdigest()
     record = example_bytes(image, item.label, item.label_text, item.key, digest)
     return frame_record(record), len(data), dataclasses.replace(image, encoded=b"")

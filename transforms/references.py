@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import NamedTuple
 
-__all__ = ["ImageRef", "Rejection", "ShardItem", "key_hash"]
+__all__ = ["ImageRef", "Rejection", "ShardItem", "content_split_key", "key_hash"]
 
 
 class ImageRef(NamedTuple):
@@ -20,6 +20,7 @@ class ImageRef(NamedTuple):
     size: int
     label: str  # the class folder name
     split: str = ""  # set only with --split_from_dirs
+    sha256: str = ""  # the content's hex SHA-256, set only when sources are hashed
 
 
 class ShardItem(NamedTuple):
@@ -30,6 +31,7 @@ class ShardItem(NamedTuple):
     size: int
     label: int
     label_text: str
+    sha256: str = ""  # the content it was assigned by, if any: checked when written
 
 
 class Rejection(NamedTuple):
@@ -42,6 +44,12 @@ class Rejection(NamedTuple):
 
     def to_json(self) -> str:
         return json.dumps(self._asdict(), ensure_ascii=False, sort_keys=True)
+
+
+def content_split_key(sha256: str) -> str:
+    """What :func:`key_hash` hashes to pick the split of an image by its content: the
+    same bytes under any name get the same split."""
+    return f"sha256:{sha256}"
 
 
 def key_hash(salt: str, key: str) -> tuple[float, int]:

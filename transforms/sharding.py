@@ -2,7 +2,8 @@
 
 Split and shard membership come from a salted hash of the key (never from bundle order),
 so the output is the same on every runner and worker count, and an image keeps its split
-when others are added. Only references are grouped; image bytes never are.
+when others are added; with ``split_by="content"`` the split comes from a salted hash of
+the source's bytes instead (``transforms.content``). Only references are grouped; image bytes never are.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from apache_beam import pvalue
 
 from s3tfr.contract import SPLIT_NAME_RE
 from transforms.listing import REJECTED, count_rejection
-from transforms.references import ImageRef, Rejection, ShardItem, key_hash
+from transforms.references import (
+    ImageRef,
+    Rejection,
+    ShardItem,
+    content_split_key,
+    key_hash,
+)
 
 __all__ = ["AssignShards", "ShardConfig", "num_shards"]
 
@@ -44,9 +51,10 @@ def num_shards(
 class _AssignFn(beam.DoFn):
     """[ImageRef] -> (split, [ShardItem]) per split; a Rejection per unknown or invalid name."""
 
-    def __init__(self, validation_fraction: float, salt: str) -> None:
+    def __init__(self, validation_fraction: float, salt: str, by_content: bool) -> None:
         self._fraction = validation_fraction
         self._salt = salt
+        self._by_content = by_content
         self._labels: list[str] | None = None
         self._index: dict[str, int] = {}
 
@@ -66,9 +74,13 @@ class _AssignFn(beam.DoFn):
                 )
                 continue
             u, order = key_hash(self._salt, ref.key)
+            if self._by_content:
+                u, _ = key_hash(self._salt, content_split_key(ref.sha256))
             split = ref.split or ("validation" if u < self._fraction else "train")
             by_split[split].append(
-                ShardItem(order, ref.key, ref.size, self._index[ref.label], ref.label)
+                ShardItem(
+                    order, ref.key, ref.size, self._index[ref.label], ref.label, ref.sha256
+                )
             )
         yield from by_split.items()
 
@@ -102,6 +114,9 @@ class ShardConfig:
         shard_bytes: target shard size.
         fixed_shards: a fixed shard count per split (0: from ``shard_bytes``).
         min_shards: the fewest shards per split when it has enough images.
+        split_by: ``"key"`` (the salted key hash) or ``"content"`` (the salted hash of
+            the source's SHA-256, which the references then carry: exact duplicates
+            share a split).
     """
 
     validation_fraction: float
@@ -109,6 +124,7 @@ class ShardConfig:
     shard_bytes: int
     fixed_shards: int = 0
     min_shards: int = 1
+    split_by: str = "key"
 
 
 class AssignShards(beam.PTransform):
@@ -132,7 +148,11 @@ class AssignShards(beam.PTransform):
 
     def expand(self, refs):
         assigned = refs | "Assign" >> beam.ParDo(
-            _AssignFn(self._config.validation_fraction, self._config.salt),
+            _AssignFn(
+                self._config.validation_fraction,
+                self._config.salt,
+                self._config.split_by == "content",
+            ),
             pvalue.AsSingleton(self._labels),
         ).with_outputs(REJECTED, main="items")
         estimate, config = self._estimate, self._config

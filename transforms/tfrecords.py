@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import errno
 import functools
 import gc
 import os
@@ -35,6 +34,7 @@ from transforms.images import ConvertedImage
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.progress import ProgressFolder
 from transforms.references import Rejection, ShardItem
+from transforms.sources import read_source
 
 __all__ = ["WriteShards"]
 
@@ -166,19 +166,9 @@ class _WriteShardFn(beam.DoFn):
         writes the shard does one ``write`` per image and does not hold the GIL against
         the decoders.
         """
-        uri = storage.join(self._input, item.key)
-        try:
-            data = storage.read_bytes(uri, self._config)
-        except FileNotFoundError:
-            return Rejection(item.key, "fetch", "object_missing", "gone since it was listed")
-        except IsADirectoryError:
-            return Rejection(item.key, "fetch", "unreadable", "not a regular file any more "
-                             "(replaced since it was listed)")  # fmt: skip
-        except PermissionError:
-            return Rejection(item.key, "fetch", "unreadable", "permission denied")
-        except OSError as e:  # a link loop, a device gone, a socket: this file only
-            return Rejection(item.key, "fetch", "unreadable",
-                             f"cannot read it ({errno.errorcode.get(e.errno, 'OSError')})")  # fmt: skip
+        data = read_source(self._input, item.key, self._config)
+        if isinstance(data, Rejection):
+            return data
         with _DECODE_SLOTS:
             return convert_record(self._settings, item, data)
 

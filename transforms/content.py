@@ -1,0 +1,130 @@
+"""HashSources and Deduplicate: the sources' content, before splits are picked.
+
+Splits picked from a hash of the key put the same bytes under two names in different
+splits as often as not (train/validation leakage). With ``--split_by content`` the split
+comes from the hash of the source's bytes instead, so exact duplicates always share a
+split, and an image keeps its split when others are added or it is renamed; with
+``--dedupe exact`` one source per content is kept (the first key) and its twins are
+rejected, each naming the one kept. Both read every source once more than a plain
+conversion: one extra GET per object on S3.
+
+The writer checks each source's SHA-256 against the one it was assigned by, so a source
+rewritten during the job is rejected (``changed_while_converting``), never written into
+the split picked for other bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+
+import apache_beam as beam
+from apache_beam import pvalue
+
+from s3tfr import s3
+from s3tfr.host import usable_cpus
+from s3tfr.s3 import S3Config
+from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
+from transforms.references import ImageRef, Rejection
+from transforms.sources import read_source
+
+__all__ = ["Deduplicate", "HashSources"]
+
+# References travel in lists of up to this many, as the listing emits them.
+_LIST_SIZE = 1000
+
+
+class _HashFn(beam.DoFn):
+    """[ImageRef] -> [ImageRef] with ``sha256`` set; a Rejection per unreadable source."""
+
+    def __init__(self, input_root: str, max_concurrent_gets: int, config) -> None:
+        self._input = input_root
+        self._gets = max_concurrent_gets
+        self._config = config
+        self._hashed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "hashed")
+
+    def setup(self) -> None:
+        # Hashing releases the GIL: local reads need a few threads, S3 GETs many.
+        threads = self._gets if s3.is_s3(self._input) else 2 * usable_cpus()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads)
+
+    def teardown(self) -> None:
+        self._pool.shutdown()
+
+    def _hash(self, ref: ImageRef) -> ImageRef | Rejection:
+        data = read_source(self._input, ref.key, self._config)
+        if isinstance(data, Rejection):
+            return data
+        return ref._replace(sha256=hashlib.sha256(data).hexdigest())
+
+    def process(self, refs: list[ImageRef]):
+        hashed = []
+        for result in self._pool.map(self._hash, refs):
+            if isinstance(result, Rejection):
+                yield pvalue.TaggedOutput(REJECTED, count_rejection(result))
+            else:
+                hashed.append(result)
+        self._hashed.inc(len(hashed))
+        if hashed:
+            yield hashed
+
+
+class HashSources(beam.PTransform):
+    """Lists of ``ImageRef`` -> the same with each source's SHA-256.
+
+    Returns:
+        A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (sources gone or
+        unreadable since they were listed).
+    """
+
+    def __init__(
+        self, input_root: str, max_concurrent_gets: int, config: S3Config | None
+    ) -> None:
+        super().__init__()
+        self._fn = _HashFn(input_root, max_concurrent_gets, config)
+
+    def expand(self, refs):
+        hashed = refs | "Hash" >> beam.ParDo(self._fn).with_outputs(REJECTED, main="refs")
+        return {"refs": hashed.refs, "rejected": hashed[REJECTED]}
+
+
+def _keep_first(group):
+    """(sha256, refs) -> the first ref by key; a Rejection for each of its twins."""
+    _digest, refs = group
+    kept, *twins = sorted(refs)
+    yield kept
+    for twin in twins:
+        if twin.label == kept.label:
+            code, reason = "duplicate", f"the same bytes as {kept.key}, which is kept"
+        else:
+            code, reason = (
+                "label_conflict",
+                f"the same bytes as {kept.key}, which is kept in class {kept.label!r}",
+            )
+        yield pvalue.TaggedOutput(
+            REJECTED, count_rejection(Rejection(twin.key, "dedupe", code, reason))
+        )
+
+
+class Deduplicate(beam.PTransform):
+    """Lists of hashed ``ImageRef`` -> one per content, in lists again.
+
+    The kept one is the first key in sorting order, whatever else is listed with it, so
+    the same input always keeps the same images. Only references are grouped.
+
+    Returns:
+        A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (the twins, code
+        ``duplicate``, or ``label_conflict`` where the twin is in another class).
+    """
+
+    def expand(self, refs):
+        kept = (
+            refs
+            | "ByContent" >> beam.FlatMap(lambda batch: ((r.sha256, r) for r in batch))
+            | "GroupByContent" >> beam.GroupByKey()
+            | "KeepFirst" >> beam.FlatMap(_keep_first).with_outputs(REJECTED, main="refs")
+        )
+        lists = kept.refs | "Lists" >> beam.BatchElements(
+            min_batch_size=1, max_batch_size=_LIST_SIZE
+        )
+        return {"refs": lists, "rejected": kept[REJECTED]}
