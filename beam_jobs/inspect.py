@@ -34,6 +34,7 @@ from s3tfr.contract import REJECTED_FILE, SHARD_NAME_RE
 from s3tfr.host import quiet_tensorflow_import
 from s3tfr.manifest import DatasetError, load_info, s3_error
 from s3tfr.s3 import S3Config
+from transforms.duplicates import DuplicateReport
 from transforms.verify import METRICS_NAMESPACE, VerifyShards, check_splits, shard_tasks
 
 DESCRIPTION = """\
@@ -162,14 +163,17 @@ def summary(root: str, info: dict, rejected: list[dict], top: int = DEFAULT_TOP_
     return "\n".join(lines)
 
 
-def _verdict(_, checks, info: dict) -> dict:
-    """Prints one line per shard and the split checks; returns the totals."""
+def _verdict(_, checks, info: dict, exact, near_pairs) -> dict:
+    """Prints one line per shard, the split checks and the duplicates found; returns the
+    totals. Duplicates do not fail the verdict: the dataset is what the manifest says."""
     checks = sorted(checks, key=lambda c: c.file)
     for check in checks:
         print(check.line())
     split_problems = check_splits(info, checks)
     for text in split_problems:
         print(f"FAIL {text}")
+    for line in DuplicateReport.build(exact, near_pairs).lines():
+        print(line)
     passed = sum(c.ok for c in checks)
     failed = passed != len(shard_tasks(info)) or bool(split_problems)
     # The driver's exit status comes from these: on a cluster this step runs on a worker.
@@ -228,11 +232,19 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult | N
         progress.watch("verify", folder, "records", records) as folder,
         beam.Pipeline(options=options) as p,
     ):
-        checks = p | "VerifyShards" >> VerifyShards(opts.dataset, info, config, folder)
+        verified = p | "VerifyShards" >> VerifyShards(opts.dataset, info, config, folder)
+        duplicates = verified["duplicates"]
         _ = (
             p
             | "VerdictTrigger" >> beam.Create([None])
-            | "Verdict" >> beam.Map(_verdict, pvalue.AsList(checks), info)
+            | "Verdict"
+            >> beam.Map(
+                _verdict,
+                pvalue.AsList(verified["checks"]),
+                info,
+                pvalue.AsSingleton(duplicates["exact"]),
+                pvalue.AsSingleton(duplicates["near"]),
+            )
         )
     return p.result
 

@@ -165,3 +165,53 @@ def test_a_source_changed_after_hashing_is_rejected_not_written():
     settings = ConvertSettings(parse_resize("crop:32x32"))
     result = convert_record(settings, item, data)
     assert result.code == "changed_while_converting" and result.key == "cat/a.jpg"
+
+
+def test_inspect_verify_reports_exact_and_near_duplicates_straddling_first(tmp_path, capsys):
+    from PIL import Image
+
+    from tests.test_inspect import _inspect
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    ids = _tree(src, unique=30, same_class=10, across=4)
+    # Near-duplicates: 6 originals again, resized and re-encoded at another quality.
+    rng = np.random.default_rng(5)
+    near = {}
+    for j in range(6):
+        original = f"{CLASSES[j % 3]}/orig{j}.jpg"
+        image = photo_like(160, 120, rng)
+        (src / original).write_bytes(encode(image, "JPEG", quality=92))
+        copy = f"{CLASSES[j % 3]}/zcopy{j}.jpg"
+        (src / copy).write_bytes(
+            encode(image.resize((120, 90), Image.Resampling.BICUBIC), "JPEG", quality=70)
+        )
+        near[original] = copy
+    _convert(src, out)
+    records = _records(out, tmp_path)
+    split_of = {r["image/filename"].decode(): r["split"] for r in records}
+    groups = collections.defaultdict(list)
+    for key, content in ids.items():
+        groups[content].append(key)
+    exact = [keys for keys in groups.values() if len(keys) > 1]
+    straddling = sum(len({split_of[k] for k in keys}) > 1 for keys in exact)
+    across = sum(len({k.split("/")[0] for k in keys}) > 1 for keys in exact)
+
+    code, output = _inspect([str(out), "--verify"], capsys)
+    assert code == 0, output
+    lines = output.splitlines()
+    summary = next(line for line in lines if line.startswith("exact duplicates"))
+    assert summary == (
+        f"exact duplicates (same source bytes): {len(exact)} groups, "
+        f"{sum(map(len, exact))} records; {straddling} straddle splits, {across} across classes"
+    )
+    start = lines.index(summary)
+    listed = lines[start + 1 : start + 1 + len(exact)]
+    # Groups across splits come first.
+    assert [line.startswith("  across splits") for line in listed] == [True] * straddling + [
+        False
+    ] * (len(exact) - straddling)
+    near_summary = next(line for line in lines if line.startswith("near-duplicates"))
+    near_lines = lines[lines.index(near_summary) + 1 :]
+    for original, copy in near.items():
+        assert any(original in line and copy in line for line in near_lines), (original, copy)
+

@@ -32,6 +32,7 @@ from apache_beam.io.tfrecordio import _TFRecordUtil
 from s3tfr import s3, storage
 from s3tfr.host import quiet_tensorflow_import
 from s3tfr.s3 import S3Config
+from transforms.duplicates import FindDuplicates, Fingerprint, perceptual_hash
 from transforms.progress import ProgressFolder
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 METRICS_NAMESPACE = "verify"
+FINGERPRINTS = "fingerprints"
 _READ_CHUNK = 1 << 20
 # A shard with thousands of bad records would otherwise print thousands of lines.
 _MAX_PROBLEMS = 5
@@ -235,6 +237,9 @@ def parse_example(record: bytes) -> dict[str, Any]:
         if len(values) != 1:
             raise ValueError(f"feature {key} missing or not one {kind} value")
         out[key] = values[0]
+    # Older datasets may lack it; only the duplicate report uses it.
+    source = features["image/source_sha256"].bytes_list.value if "image/source_sha256" in features else ()
+    out["image/source_sha256"] = source[0].decode("ascii", "replace") if len(source) == 1 else ""
     return out
 
 
@@ -245,13 +250,14 @@ def _example_pb2():
     return example_pb2
 
 
-def _decode_image(data: bytes) -> tuple[int, int]:
-    """Decodes every pixel (``verify()`` misses truncation; ``load()`` does not)."""
+def _decode_image(data: bytes) -> int:
+    """Decodes every pixel (``verify()`` misses truncation; ``load()`` does not);
+    returns the image's perceptual hash (``transforms.duplicates``)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return image.size
+        return perceptual_hash(image)
 
 
 def _short(error: BaseException) -> str:
@@ -262,7 +268,8 @@ def _short(error: BaseException) -> str:
 
 
 class _VerifyShardFn(beam.DoFn):
-    """(split, manifest shard entry) -> ShardCheck."""
+    """(split, manifest shard entry) -> ShardCheck; a ``Fingerprint`` per record decoded
+    (tagged ``fingerprints``)."""
 
     def __init__(
         self,
@@ -283,9 +290,10 @@ class _VerifyShardFn(beam.DoFn):
         self._images = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "images_decoded")
         self._bytes = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "bytes_read")
 
-    def _check(self, split: str, entry: dict) -> ShardCheck:
+    def _check(self, split: str, entry: dict) -> tuple[ShardCheck, list[Fingerprint]]:
         uri = storage.join(self._root, entry["file"])
         task = self._progress.task(entry["file"]) if self._progress else None
+        fingerprints: list[Fingerprint] = []
         problems: list[str] = []
         counts: collections.Counter[str] = collections.Counter()
         records = decoded = 0
@@ -299,7 +307,8 @@ class _VerifyShardFn(beam.DoFn):
         try:
             raw = _open(uri, self._config)
         except FileNotFoundError:
-            return ShardCheck(split, entry["file"], False, 0, 0, ("missing: no such file",), ())
+            missing = ShardCheck(split, entry["file"], False, 0, 0, ("missing: no such file",), ())
+            return missing, []
         with raw:
             hashing = _Hashing(raw)
             try:
@@ -320,8 +329,12 @@ class _VerifyShardFn(beam.DoFn):
                                 f"{self._labels[label]!r}, class text is {text!r}"
                             )
                         counts[text] += 1
-                        _decode_image(features["image/encoded"])
+                        phash = _decode_image(features["image/encoded"])
                         decoded += 1
+                        if features["image/source_sha256"]:
+                            fingerprints.append(Fingerprint(
+                                features["image/source_sha256"], phash, split, text, name
+                            ))  # fmt: skip
                     except Exception as e:  # noqa: BLE001 - any failure is a verdict
                         problem(f"record {records - 1}: {_short(e)}")
                 hashing.drain()
@@ -341,17 +354,20 @@ class _VerifyShardFn(beam.DoFn):
             problems.insert(0, "sha256 differs from the manifest")
         if records != entry["examples"]:
             problems.append(f"{records} records, manifest says {entry['examples']}")
-        return ShardCheck(
+        check = ShardCheck(
             split, entry["file"], not problems, records, hashing.size, tuple(problems),
             tuple(sorted(counts.items())),
         )  # fmt: skip
+        return check, fingerprints
 
     def process(self, element):
         split, entry = element
         # A body cut mid-stream is retried by reading the shard again from the start.
-        check = s3.body_retries(self._check, split, entry)
+        check, fingerprints = s3.body_retries(self._check, split, entry)
         (self._passed if check.ok else self._failed).inc()
         yield check
+        for fingerprint in fingerprints:
+            yield beam.pvalue.TaggedOutput(FINGERPRINTS, fingerprint)
 
 
 def shard_tasks(info: dict) -> list[tuple[str, dict]]:
@@ -389,7 +405,9 @@ class VerifyShards(beam.PTransform):
         progress: where to report the records read, per shard, if anywhere.
 
     Returns:
-        A PCollection of :class:`ShardCheck`, one per listed shard.
+        A dict: ``"checks"``, a :class:`ShardCheck` per listed shard, and
+        ``"duplicates"``, what :class:`transforms.duplicates.FindDuplicates` makes of
+        the records' fingerprints.
     """
 
     def __init__(
@@ -407,7 +425,7 @@ class VerifyShards(beam.PTransform):
 
     def expand(self, pbegin):
         info = self._info
-        return (
+        verified = (
             pbegin
             | "ListShards" >> beam.Create(shard_tasks(info))
             # (split, shard entry); spread over workers: one shard per DoFn call
@@ -421,5 +439,7 @@ class VerifyShards(beam.PTransform):
                     self._config,
                     self._progress,
                 )
-            )
+            ).with_outputs(FINGERPRINTS, main="checks")
         )
+        duplicates = verified[FINGERPRINTS] | "FindDuplicates" >> FindDuplicates()
+        return {"checks": verified.checks, "duplicates": duplicates}
