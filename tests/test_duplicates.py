@@ -202,7 +202,7 @@ def test_inspect_verify_reports_exact_and_near_duplicates_straddling_first(tmp_p
     summary = next(line for line in lines if line.startswith("exact duplicates"))
     assert summary == (
         f"exact duplicates (same source bytes): {len(exact)} groups, "
-        f"{sum(map(len, exact))} records; {straddling} straddle splits, {across} across classes"
+        f"{sum(map(len, exact))} records; straddling splits {straddling}, across classes {across}"
     )
     start = lines.index(summary)
     listed = lines[start + 1 : start + 1 + len(exact)]

@@ -152,7 +152,7 @@ class DuplicateReport(NamedTuple):
             conflicts = sum(_conflicts(g) for g in groups)
             out.append(
                 f"{kind}: {len(groups)} groups, {sum(map(len, groups))} records; "
-                f"{straddle} straddle splits, {conflicts} across classes"
+                f"straddling splits {straddle}, across classes {conflicts}"
             )
             for group in groups[:_MAX_LISTED]:
                 tags = [t for t, f in (("splits", _straddles), ("classes", _conflicts)) if f(group)]
