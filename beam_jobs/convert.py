@@ -46,7 +46,7 @@ from transforms.commit import (
     OutputBusy,
     OutputRun,
 )
-from transforms.content import Deduplicate, HashSources
+from transforms.content import Deduplicate, GroupNear, HashSources
 from transforms.examples import ConvertSettings
 from transforms.images import (
     DEFAULT_JPEG_QUALITY,
@@ -113,9 +113,11 @@ class ConvertOptions(PipelineOptions):
         parser.add_argument(
             "--dedupe",
             default="none",
-            choices=("none", "exact"),
+            choices=("none", "exact", "near"),
             help="exact: keep one image per content (the first key); reject its twins, "
-            "each naming the one kept (reads every source once more)",
+            "each naming the one kept. near: keep every image, but put near-duplicates "
+            "(perceptual hash) and exact ones in one split (implies --split_by content). "
+            "Both read every source once more",
         )
         parser.add_argument(
             "--split_salt",
@@ -194,10 +196,11 @@ def _validate(opts: ConvertOptions) -> Resize:
             raise UserError(f"--{flag} must be positive")
     if opts.num_shards < 0:
         raise UserError("--num_shards must be 0 (by size) or positive")
-    if opts.split_by == "content" and opts.split_from_dirs:
+    if (opts.split_by == "content" or opts.dedupe == "near") and opts.split_from_dirs:
+        flag = "--split_by content" if opts.split_by == "content" else "--dedupe near"
         raise UserError(
-            "--split_by content picks the splits itself; --split_from_dirs takes them "
-            "from the folders: give one of them"
+            f"{flag} picks the splits itself; --split_from_dirs takes them from the "
+            "folders: give one of them"
         )
     try:
         return parse_resize(opts.resize)
@@ -297,6 +300,8 @@ def _options_record(opts: ConvertOptions, resize: Resize) -> dict:
     )  # fmt: skip
     record = {name: getattr(opts, name) for name in names}
     record["resize"] = str(resize)
+    if opts.dedupe == "near":
+        record["split_by"] = "content"  # implied
     return record
 
 
@@ -397,21 +402,27 @@ def _convert(
         )
         sharding = ShardConfig(
             opts.validation_fraction, opts.split_salt, int(opts.shard_size_mb * 1024 * 1024),
-            opts.num_shards, opts.min_shards, opts.split_by,
+            opts.num_shards, opts.min_shards,
+            "content" if opts.dedupe == "near" else opts.split_by,
         )  # fmt: skip
-        refs, content_rejected = listed["refs"], []
-        if opts.split_by == "content" or opts.dedupe == "exact":
+        refs, content_rejected, near_roots = listed["refs"], [], None
+        if sharding.split_by == "content" or opts.dedupe != "none":
             progress.LOGGER.info("convert: reading every source once to hash its content …")
             hashed = refs | "HashSources" >> HashSources(
-                opts.input, opts.max_concurrent_gets, config
-            )
+                opts.input, opts.max_concurrent_gets, config,
+                opts.max_pixels if opts.dedupe == "near" else 0,
+            )  # fmt: skip
             refs = hashed["refs"]
             content_rejected.append(hashed["rejected"])
             if opts.dedupe == "exact":
                 deduplicated = refs | "Deduplicate" >> Deduplicate()
                 refs = deduplicated["refs"]
                 content_rejected.append(deduplicated["rejected"])
-        assigned = refs | "AssignShards" >> AssignShards(labels, sharding, estimate)
+            elif opts.dedupe == "near":
+                near_roots = refs | "GroupNear" >> GroupNear()
+        assigned = refs | "AssignShards" >> AssignShards(
+            labels, sharding, estimate, near_roots
+        )
         written = assigned["groups"] | "WriteShards" >> WriteShards(
             opts.input,
             opts.output,

@@ -215,3 +215,46 @@ def test_inspect_verify_reports_exact_and_near_duplicates_straddling_first(tmp_p
     for original, copy in near.items():
         assert any(original in line and copy in line for line in near_lines), (original, copy)
 
+
+
+def _near_tree(root, pairs: int = 24) -> dict[str, str]:
+    """``pairs`` originals, each with a resized, re-encoded copy in the same class, and
+    as many unrelated images. Returns {copy key: original key}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(21)
+    copies = {}
+    for j in range(pairs):
+        c = CLASSES[j % len(CLASSES)]
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        image = photo_like(160, 120, rng)
+        with open(os.path.join(root, c, f"orig{j:02d}.jpg"), "wb") as f:
+            f.write(encode(image, "JPEG", quality=92))
+        small = image.resize((120, 90), Image.Resampling.BICUBIC)
+        with open(os.path.join(root, c, f"small{j:02d}.jpg"), "wb") as f:
+            f.write(encode(small, "JPEG", quality=70))
+        with open(os.path.join(root, c, f"other{j:02d}.jpg"), "wb") as f:
+            f.write(encode(photo_like(160, 120, rng), "JPEG", quality=90))
+        copies[f"{c}/small{j:02d}.jpg"] = f"{c}/orig{j:02d}.jpg"
+    return copies
+
+
+def test_dedupe_near_puts_resized_reencoded_copies_in_their_originals_split(tmp_path):
+    src = tmp_path / "src"
+    copies = _near_tree(src)
+    _convert(src, tmp_path / "content", "--split_by", "content")
+    _convert(src, tmp_path / "near", "--dedupe", "near")
+
+    def splits(out):
+        return {r["image/filename"].decode(): r["split"] for r in _records(out, tmp_path)}
+
+    content, near = splits(tmp_path / "content"), splits(tmp_path / "near")
+    # Different bytes: by content alone, copies straddle as often as chance has it...
+    assert sum(content[c] != content[o] for c, o in copies.items()) > 0
+    # ...grouped by perceptual hash, never; and every image is kept.
+    assert all(near[c] == near[o] for c, o in copies.items())
+    assert len(near) == len(content) == 3 * len(copies)
+    assert load_info(str(tmp_path / "near"))["options"]["split_by"] == "content"
+    # Images in no group keep the split their content gives them.
+    alone = [k for k in near if k.split("/")[1].startswith("other")]
+    assert all(near[k] == content[k] for k in alone)

@@ -24,11 +24,12 @@ from apache_beam import pvalue
 from s3tfr import s3
 from s3tfr.host import usable_cpus
 from s3tfr.s3 import S3Config
+from transforms.duplicates import NearPairs, groups_of, source_hash
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.references import ImageRef, Rejection
 from transforms.sources import read_source
 
-__all__ = ["Deduplicate", "HashSources"]
+__all__ = ["Deduplicate", "GroupNear", "HashSources"]
 
 # References travel in lists of up to this many, as the listing emits them.
 _LIST_SIZE = 1000
@@ -37,10 +38,13 @@ _LIST_SIZE = 1000
 class _HashFn(beam.DoFn):
     """[ImageRef] -> [ImageRef] with ``sha256`` set; a Rejection per unreadable source."""
 
-    def __init__(self, input_root: str, max_concurrent_gets: int, config) -> None:
+    def __init__(
+        self, input_root: str, max_concurrent_gets: int, config, perceptual_max_pixels: int
+    ) -> None:
         self._input = input_root
         self._gets = max_concurrent_gets
         self._config = config
+        self._perceptual = perceptual_max_pixels
         self._hashed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "hashed")
 
     def setup(self) -> None:
@@ -55,7 +59,10 @@ class _HashFn(beam.DoFn):
         data = read_source(self._input, ref.key, self._config)
         if isinstance(data, Rejection):
             return data
-        return ref._replace(sha256=hashlib.sha256(data).hexdigest())
+        ref = ref._replace(sha256=hashlib.sha256(data).hexdigest())
+        if self._perceptual:
+            ref = ref._replace(phash=source_hash(data, self._perceptual))
+        return ref
 
     def process(self, refs: list[ImageRef]):
         hashed = []
@@ -70,7 +77,9 @@ class _HashFn(beam.DoFn):
 
 
 class HashSources(beam.PTransform):
-    """Lists of ``ImageRef`` -> the same with each source's SHA-256.
+    """Lists of ``ImageRef`` -> the same with each source's SHA-256, and with
+    ``perceptual_max_pixels`` its perceptual hash too (the source decoded within that
+    pixel limit and shrunk to 64x64 gray: about half a conversion's work).
 
     Returns:
         A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (sources gone or
@@ -78,10 +87,14 @@ class HashSources(beam.PTransform):
     """
 
     def __init__(
-        self, input_root: str, max_concurrent_gets: int, config: S3Config | None
+        self,
+        input_root: str,
+        max_concurrent_gets: int,
+        config: S3Config | None,
+        perceptual_max_pixels: int = 0,
     ) -> None:
         super().__init__()
-        self._fn = _HashFn(input_root, max_concurrent_gets, config)
+        self._fn = _HashFn(input_root, max_concurrent_gets, config, perceptual_max_pixels)
 
     def expand(self, refs):
         hashed = refs | "Hash" >> beam.ParDo(self._fn).with_outputs(REJECTED, main="refs")
@@ -128,3 +141,28 @@ class Deduplicate(beam.PTransform):
             min_batch_size=1, max_batch_size=_LIST_SIZE
         )
         return {"refs": lists, "rejected": kept[REJECTED]}
+
+
+def _near_roots(pairs) -> dict[str, str]:
+    """key -> the smallest SHA-256 of its near-duplicate group, for grouped keys only."""
+    roots = {}
+    for group in groups_of(pairs):
+        root = min(ref.sha256 for ref in group)
+        roots.update((ref.key, root) for ref in group)
+    return roots
+
+
+class GroupNear(beam.PTransform):
+    """Lists of ``ImageRef`` with perceptual hashes -> a one-element PCollection: the
+    dict from each key in a near-duplicate group to the content its group's split is
+    picked by (the group's smallest SHA-256), for ``AssignShards``. Only the hashes of
+    the references are grouped; the pairs, few, meet on one worker."""
+
+    def expand(self, refs):
+        return (
+            refs
+            | "Hashed" >> beam.FlatMap(lambda batch: (r for r in batch if r.phash >= 0))
+            | "NearPairs" >> NearPairs()
+            | "AllPairs" >> beam.combiners.ToList()
+            | "Roots" >> beam.Map(_near_roots)
+        )

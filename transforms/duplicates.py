@@ -24,7 +24,11 @@ __all__ = [
     "DuplicateReport",
     "FindDuplicates",
     "Fingerprint",
+    "NearPairs",
+    "groups_of",
+    "image_fingerprint",
     "perceptual_hash",
+    "source_hash",
 ]
 
 # Measured on generated photos, an original against a resized and re-encoded copy, both
@@ -65,6 +69,21 @@ def perceptual_hash(image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def source_hash(data: bytes, max_pixels: int) -> int:
+    """The perceptual hash of a source file, or -1 if it does not convert: decoded
+    through ``convert_image`` (every limit and check of the conversion) to at most 64x64
+    gray, then hashed."""
+    from transforms.images import ImageError, Resize, convert_image
+
+    try:
+        small = convert_image(
+            data, Resize("fit", 64, 64), channels=1, image_format="png", max_pixels=max_pixels
+        )
+    except ImageError:
+        return -1  # the writer rejects it, with its reason
+    return image_fingerprint(small.encoded)
+
+
 def image_fingerprint(encoded: bytes) -> int:
     from PIL import Image
 
@@ -72,15 +91,15 @@ def image_fingerprint(encoded: bytes) -> int:
         return perceptual_hash(image)
 
 
-def _bands(fp: Fingerprint):
+def _bands(item):
     for i in range(_BANDS):
         lo, hi = _BAND_EDGES[i], _BAND_EDGES[i + 1]
-        yield (i, (fp.phash >> (64 - hi)) & ((1 << (hi - lo)) - 1)), fp
+        yield (i, (item.phash >> (64 - hi)) & ((1 << (hi - lo)) - 1)), item
 
 
 def _near_pairs(bucket):
     """The pairs of different sources within ``NEAR_BITS`` in one band's bucket (each
-    record against all after it, vectorised: a bucket holds ~N / 2**9 records)."""
+    item against all after it, vectorised: a bucket holds ~N / 2**9 items)."""
     _band, members = bucket
     members = sorted(set(members))
     hashes = np.array([fp.phash for fp in members], np.uint64)
@@ -89,6 +108,20 @@ def _near_pairs(bucket):
         for j in close + i + 1:
             if members[i].sha256 != members[j].sha256:
                 yield (members[i], members[j])
+
+
+class NearPairs(beam.PTransform):
+    """Items with ``phash`` and ``sha256`` (fingerprints, references) -> every pair of
+    different sources whose hashes are within ``NEAR_BITS``, once."""
+
+    def expand(self, items):
+        return (
+            items
+            | "Bands" >> beam.FlatMap(_bands)
+            | "GroupByBand" >> beam.GroupByKey()
+            | "Pairs" >> beam.FlatMap(_near_pairs)
+            | "Distinct" >> beam.Distinct()
+        )
 
 
 class FindDuplicates(beam.PTransform):
@@ -105,17 +138,14 @@ class FindDuplicates(beam.PTransform):
         )
         near = (
             fingerprints
-            | "Bands" >> beam.FlatMap(_bands)
-            | "GroupByBand" >> beam.GroupByKey()
-            | "Pairs" >> beam.FlatMap(_near_pairs)
-            | "Distinct" >> beam.Distinct()
+            | "NearPairs" >> NearPairs()
             | "AllNear" >> beam.combiners.ToList()
         )
         return {"exact": exact, "near": near}
 
 
-def _groups_of(pairs) -> list[list[Fingerprint]]:
-    """Connected groups of records from pairs (union-find)."""
+def groups_of(pairs) -> list[list]:
+    """Connected groups of items from pairs (union-find)."""
     parent: dict = {}
 
     def root(x):
@@ -138,7 +168,7 @@ class DuplicateReport(NamedTuple):
 
     @classmethod
     def build(cls, exact, near_pairs) -> DuplicateReport:
-        return cls(_ordered(exact), _ordered(_groups_of(near_pairs)))
+        return cls(_ordered(exact), _ordered(groups_of(near_pairs)))
 
     def lines(self) -> list[str]:
         out = []

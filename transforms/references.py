@@ -21,6 +21,7 @@ class ImageRef(NamedTuple):
     label: str  # the class folder name
     split: str = ""  # set only with --split_from_dirs
     sha256: str = ""  # the content's hex SHA-256, set only when sources are hashed
+    phash: int = -1  # its perceptual hash, set only with --dedupe near (-1: none)
 
 
 class ShardItem(NamedTuple):

@@ -58,7 +58,7 @@ class _AssignFn(beam.DoFn):
         self._labels: list[str] | None = None
         self._index: dict[str, int] = {}
 
-    def process(self, refs: list[ImageRef], labels: list[str]):
+    def process(self, refs: list[ImageRef], labels: list[str], near_roots: dict | None = None):
         if labels is not self._labels:  # side inputs are the same object per bundle
             self._labels, self._index = labels, {n: i for i, n in enumerate(labels)}
         by_split = collections.defaultdict(list)
@@ -75,7 +75,8 @@ class _AssignFn(beam.DoFn):
                 continue
             u, order = key_hash(self._salt, ref.key)
             if self._by_content:
-                u, _ = key_hash(self._salt, content_split_key(ref.sha256))
+                content = (near_roots or {}).get(ref.key, ref.sha256)
+                u, _ = key_hash(self._salt, content_split_key(content))
             split = ref.split or ("validation" if u < self._fraction else "train")
             by_split[split].append(
                 ShardItem(
@@ -134,15 +135,18 @@ class AssignShards(beam.PTransform):
         labels: a one-element PCollection holding the sorted class names.
         config: the split and shard settings.
         estimate_bytes: source size -> estimated encoded size, to size shards.
+        near_roots: with ``split_by="content"``, an optional one-element PCollection:
+            key -> the content whose split the key takes (``transforms.content.GroupNear``).
 
     Returns:
         A dict: ``"groups"`` (``((split, bucket), lists of [ShardItem])``: a shard's
         references, in lists as they were assigned) and ``"rejected"``.
     """
 
-    def __init__(self, labels, config: ShardConfig, estimate_bytes) -> None:
+    def __init__(self, labels, config: ShardConfig, estimate_bytes, near_roots=None) -> None:
         super().__init__()
         self._labels = labels
+        self._near_roots = near_roots
         self._config = config
         self._estimate = estimate_bytes
 
@@ -154,6 +158,7 @@ class AssignShards(beam.PTransform):
                 self._config.split_by == "content",
             ),
             pvalue.AsSingleton(self._labels),
+            *([pvalue.AsSingleton(self._near_roots)] if self._near_roots is not None else []),
         ).with_outputs(REJECTED, main="items")
         estimate, config = self._estimate, self._config
         # (split, (examples, estimated bytes)) -> (split, shard count)
