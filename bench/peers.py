@@ -4,7 +4,7 @@
     .venv/bin/python bench/peers.py --quick    # N=200, big=10, repeat=1: a smoke run
 
 Run it on a quiet machine: every contestant uses every core. At the defaults on 2 cores
-it takes the better part of an hour; ``--quick`` takes about 2.5 minutes and its rates
+it takes about 15 minutes; ``--quick`` takes about 2.5 minutes and its rates
 are mostly start-up (its marginal rates are noise).
 
 The first run makes Ray's virtual environment, ``.bench-venvs/ray/`` (git-ignored; a few
