@@ -258,3 +258,21 @@ def test_dedupe_near_puts_resized_reencoded_copies_in_their_originals_split(tmp_
     # Images in no group keep the split their content gives them.
     alone = [k for k in near if k.split("/")[1].startswith("other")]
     assert all(near[k] == content[k] for k in alone)
+
+
+def test_dedupe_and_content_split_from_s3(s3_bucket, tmp_path):
+    from devtools.local_s3 import put_tree
+
+    src = tmp_path / "src"
+    ids = _tree(src, unique=20, same_class=8, across=3)
+    put_tree(str(src), s3_bucket, "images/")
+    out = tmp_path / "out"
+    convert.run(["--input", f"s3://{s3_bucket}/images/", "--output", str(out),
+                 "--resize", "crop:32x32", "--validation_fraction", "0.4",
+                 "--num_shards", "2", "--dedupe", "exact", "--split_by", "content"])  # fmt: skip
+    records = _records(out, tmp_path)
+    assert len(records) == len(set(ids.values()))
+    assert _straddling(records) == 0
+    info = load_info(str(out))
+    assert info["counts"]["listed"] == len(ids)
+    assert info["counts"]["rejected"] == len(ids) - len(records)
