@@ -415,7 +415,7 @@ def _convert(
             refs = hashed["refs"]
             content_rejected.append(hashed["rejected"])
             if opts.dedupe == "exact":
-                deduplicated = refs | "Deduplicate" >> Deduplicate()
+                deduplicated = refs | "Deduplicate" >> Deduplicate(labels)
                 refs = deduplicated["refs"]
                 content_rejected.append(deduplicated["rejected"])
             elif opts.dedupe == "near":

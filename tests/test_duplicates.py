@@ -276,3 +276,21 @@ def test_dedupe_and_content_split_from_s3(s3_bucket, tmp_path):
     info = load_info(str(out))
     assert info["counts"]["listed"] == len(ids)
     assert info["counts"]["rejected"] == len(ids) - len(records)
+
+
+def test_dedupe_keeps_the_twin_in_a_listed_class(tmp_path):
+    # The first key's class is left out by --labels_file: its twin in a listed class is
+    # kept, not rejected as a duplicate of an image the dataset will not hold.
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = encode(photo_like(48, 40, np.random.default_rng(3)), "JPEG")
+    other = encode(photo_like(48, 40, np.random.default_rng(4)), "JPEG")
+    for key, content in (("aaa/x.jpg", data), ("zzz/y.jpg", data), ("zzz/z.jpg", other)):
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(content)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("zzz\n")
+    _convert(src, out, "--dedupe", "exact", "--labels_file", str(labels))
+    kept = {r["image/filename"].decode() for r in _records(out, tmp_path)}
+    assert kept == {"zzz/y.jpg", "zzz/z.jpg"}
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["code"]) for r in rejected] == [("aaa/x.jpg", "label_conflict")]

@@ -101,10 +101,14 @@ class HashSources(beam.PTransform):
         return {"refs": hashed.refs, "rejected": hashed[REJECTED]}
 
 
-def _keep_first(group):
-    """(sha256, refs) -> the first ref by key; a Rejection for each of its twins."""
+def _keep_first(group, labels: list[str]):
+    """(sha256, refs) -> the first ref by key of a class in ``labels`` (else the first
+    of all, which AssignShards then rejects as an unknown class); a Rejection for each
+    of its twins."""
     _digest, refs = group
-    kept, *twins = sorted(refs)
+    known = set(labels)
+    ordered = sorted(refs, key=lambda r: (r.label not in known, r))
+    kept, *twins = ordered
     yield kept
     for twin in twins:
         if twin.label == kept.label:
@@ -122,20 +126,32 @@ def _keep_first(group):
 class Deduplicate(beam.PTransform):
     """Lists of hashed ``ImageRef`` -> one per content, in lists again.
 
-    The kept one is the first key in sorting order, whatever else is listed with it, so
-    the same input always keeps the same images. Only references are grouped.
+    The kept one is the first key in sorting order among those of a known class (with
+    ``--labels_file``, a twin in a listed class is kept over one in a class the file
+    leaves out), whatever else is listed with it, so the same input always keeps the
+    same images. Only references are grouped.
+
+    Args:
+        labels: a one-element PCollection holding the class names.
 
     Returns:
         A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (the twins, code
         ``duplicate``, or ``label_conflict`` where the twin is in another class).
     """
 
+    def __init__(self, labels) -> None:
+        super().__init__()
+        self._labels = labels
+
     def expand(self, refs):
         kept = (
             refs
             | "ByContent" >> beam.FlatMap(lambda batch: ((r.sha256, r) for r in batch))
             | "GroupByContent" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.FlatMap(_keep_first).with_outputs(REJECTED, main="refs")
+            | "KeepFirst"
+            >> beam.FlatMap(_keep_first, pvalue.AsSingleton(self._labels)).with_outputs(
+                REJECTED, main="refs"
+            )
         )
         lists = kept.refs | "Lists" >> beam.BatchElements(
             min_batch_size=1, max_batch_size=_LIST_SIZE
