@@ -410,7 +410,7 @@ def _convert(
             progress.LOGGER.info("convert: reading every source once to hash its content …")
             hashed = refs | "HashSources" >> HashSources(
                 opts.input, opts.max_concurrent_gets, config,
-                opts.max_pixels if opts.dedupe == "near" else 0,
+                settings if opts.dedupe == "near" else None,
             )  # fmt: skip
             refs = hashed["refs"]
             content_rejected.append(hashed["rejected"])

@@ -294,3 +294,59 @@ def test_dedupe_keeps_the_twin_in_a_listed_class(tmp_path):
     assert kept == {"zzz/y.jpg", "zzz/z.jpg"}
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert [(r["key"], r["code"]) for r in rejected] == [("aaa/x.jpg", "label_conflict")]
+
+
+def test_dedupe_near_does_not_merge_a_family_of_look_alike_images(tmp_path):
+    # Flat colours: their perceptual hashes chain into one family. Merged, it would move
+    # most of the dataset into one split; left to the content split, the split holds.
+    from PIL import Image
+
+    src = tmp_path / "src"
+    rng = np.random.default_rng(8)
+    for i in range(160):
+        folder = src / CLASSES[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (folder / f"flat{i:03d}.jpg").write_bytes(
+            encode(Image.new("RGB", (48, 40), color), "JPEG", quality=90)
+        )
+    _convert(src, tmp_path / "near", "--dedupe", "near", "--validation_fraction", "0.5")
+    _convert(src, tmp_path / "content", "--split_by", "content", "--validation_fraction", "0.5")
+    near = collections.Counter(r["split"] for r in _records(tmp_path / "near", tmp_path))
+    content = collections.Counter(r["split"] for r in _records(tmp_path / "content", tmp_path))
+    assert sum(near.values()) == 160
+    assert abs(near["validation"] - content["validation"]) <= 32  # at most one group moved
+
+
+def test_dedupe_keeps_a_twin_with_a_valid_split_folder_and_does_not_merge_empty_files(
+    tmp_path,
+):
+    src, out = tmp_path / "src", tmp_path / "out"
+    data = encode(photo_like(48, 40, np.random.default_rng(6)), "JPEG")
+    files = {"bad-split/cat/x.jpg": data, "train/cat/y.jpg": data,
+             "train/cat/e1.jpg": b"", "train/cat/e2.jpg": b""}  # fmt: skip
+    for key, content in files.items():
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        (src / key).write_bytes(content)
+    convert.run(["--input", str(src), "--output", str(out), "--split_from_dirs",
+                 "--dedupe", "exact"])  # fmt: skip
+    kept = {r["image/filename"].decode() for r in _records(out, tmp_path)}
+    assert kept == {"train/cat/y.jpg"}
+    codes = {
+        r["key"]: r["code"]
+        for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())
+    }
+    assert codes == {"bad-split/cat/x.jpg": "duplicate", "train/cat/e1.jpg": "zero_bytes",
+                     "train/cat/e2.jpg": "zero_bytes"}  # fmt: skip
+
+
+def test_inspect_sees_no_near_group_across_splits_in_a_dedupe_near_dataset(tmp_path, capsys):
+    from tests.test_inspect import _inspect
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    _near_tree(src, pairs=12)
+    _convert(src, out, "--dedupe", "near")
+    code, output = _inspect([str(out), "--verify"], capsys)
+    assert code == 0, output
+    near = next(line for line in output.splitlines() if line.startswith("near-duplicates"))
+    assert "straddling splits 0," in near and "12 groups" in near, near

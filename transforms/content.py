@@ -22,9 +22,10 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from s3tfr import s3
+from s3tfr.contract import SPLIT_NAME_RE
 from s3tfr.host import usable_cpus
 from s3tfr.s3 import S3Config
-from transforms.duplicates import NearPairs, groups_of, source_hash
+from transforms.duplicates import NearPairs, converted_hash, groups_of
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.references import ImageRef, Rejection
 from transforms.sources import read_source
@@ -33,18 +34,22 @@ __all__ = ["Deduplicate", "GroupNear", "HashSources"]
 
 # References travel in lists of up to this many, as the listing emits them.
 _LIST_SIZE = 1000
+# The largest near-duplicate group put in one split (see _near_roots).
+MAX_NEAR_GROUP = 32
+_NOT_MERGED = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "near_groups_not_merged")
+_NOT_MERGED_IMAGES = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "near_images_not_merged")
 
 
 class _HashFn(beam.DoFn):
     """[ImageRef] -> [ImageRef] with ``sha256`` set; a Rejection per unreadable source."""
 
     def __init__(
-        self, input_root: str, max_concurrent_gets: int, config, perceptual_max_pixels: int
+        self, input_root: str, max_concurrent_gets: int, config, perceptual
     ) -> None:
         self._input = input_root
         self._gets = max_concurrent_gets
         self._config = config
-        self._perceptual = perceptual_max_pixels
+        self._perceptual = perceptual
         self._hashed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "hashed")
 
     def setup(self) -> None:
@@ -61,7 +66,7 @@ class _HashFn(beam.DoFn):
             return data
         ref = ref._replace(sha256=hashlib.sha256(data).hexdigest())
         if self._perceptual:
-            ref = ref._replace(phash=source_hash(data, self._perceptual))
+            ref = ref._replace(phash=converted_hash(data, self._perceptual))
         return ref
 
     def process(self, refs: list[ImageRef]):
@@ -78,8 +83,10 @@ class _HashFn(beam.DoFn):
 
 class HashSources(beam.PTransform):
     """Lists of ``ImageRef`` -> the same with each source's SHA-256, and with
-    ``perceptual_max_pixels`` its perceptual hash too (the source decoded within that
-    pixel limit and shrunk to 64x64 gray: about half a conversion's work).
+    ``perceptual`` (the job's ``ConvertSettings``) the perceptual hash of the image the
+    dataset will hold too: the source converted as the writer will convert it (a
+    conversion's work) and hashed as ``inspect --verify`` hashes records, so both judge
+    the same pixels the same way.
 
     Returns:
         A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (sources gone or
@@ -91,10 +98,10 @@ class HashSources(beam.PTransform):
         input_root: str,
         max_concurrent_gets: int,
         config: S3Config | None,
-        perceptual_max_pixels: int = 0,
+        perceptual=None,
     ) -> None:
         super().__init__()
-        self._fn = _HashFn(input_root, max_concurrent_gets, config, perceptual_max_pixels)
+        self._fn = _HashFn(input_root, max_concurrent_gets, config, perceptual)
 
     def expand(self, refs):
         hashed = refs | "Hash" >> beam.ParDo(self._fn).with_outputs(REJECTED, main="refs")
@@ -102,22 +109,34 @@ class HashSources(beam.PTransform):
 
 
 def _keep_first(group, labels: list[str]):
-    """(sha256, refs) -> the first ref by key of a class in ``labels`` (else the first
-    of all, which AssignShards then rejects as an unknown class); a Rejection for each
-    of its twins."""
+    """(sha256, refs) -> the first ref by key among those AssignShards will take (a
+    class in ``labels``, a valid split folder), else the first of all; a Rejection for
+    each of its twins. Empty files are not deduplicated: each is rejected as empty."""
     _digest, refs = group
+    if len(refs) == 1 or refs[0].size == 0:
+        yield from refs
+        return
     known = set(labels)
-    ordered = sorted(refs, key=lambda r: (r.label not in known, r))
+    ordered = sorted(
+        refs,
+        key=lambda r: (
+            r.label not in known or bool(r.split and not SPLIT_NAME_RE.fullmatch(r.split)),
+            r,
+        ),
+    )
     kept, *twins = ordered
     yield kept
+    # Identical bytes convert identically, so the kept one's fate is the twins' too.
+    fate = "if it is rejected too, its own line says why"
     for twin in twins:
         if twin.label == kept.label:
-            code, reason = "duplicate", f"the same bytes as {kept.key}, which is kept"
+            code, reason = "duplicate", f"the same bytes as {kept.key}, kept instead ({fate})"
         else:
-            code, reason = (
-                "label_conflict",
-                f"the same bytes as {kept.key}, which is kept in class {kept.label!r}",
+            reason = (
+                f"the same bytes as {kept.key}, kept instead in class {kept.label!r} "
+                f"({fate})"
             )
+            code = "label_conflict"
         yield pvalue.TaggedOutput(
             REJECTED, count_rejection(Rejection(twin.key, "dedupe", code, reason))
         )
@@ -160,9 +179,20 @@ class Deduplicate(beam.PTransform):
 
 
 def _near_roots(pairs) -> dict[str, str]:
-    """key -> the smallest SHA-256 of its near-duplicate group, for grouped keys only."""
+    """key -> the smallest SHA-256 of its near-duplicate group, for grouped keys only.
+
+    A group of more than ``MAX_NEAR_GROUP`` images is not copies of one picture but a
+    family the hash cannot tell apart (flat colours, centred shapes on one background,
+    chained by small differences): merged, it would move a large share of the dataset
+    into one split. Such groups are left to the content split, and counted
+    (``near_groups_not_merged``, ``near_images_not_merged``).
+    """
     roots = {}
     for group in groups_of(pairs):
+        if len(group) > MAX_NEAR_GROUP:
+            _NOT_MERGED.inc()
+            _NOT_MERGED_IMAGES.inc(len(group))
+            continue
         root = min(ref.sha256 for ref in group)
         roots.update((ref.key, root) for ref in group)
     return roots

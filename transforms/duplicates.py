@@ -25,10 +25,10 @@ __all__ = [
     "FindDuplicates",
     "Fingerprint",
     "NearPairs",
+    "converted_hash",
     "groups_of",
     "image_fingerprint",
     "perceptual_hash",
-    "source_hash",
 ]
 
 # Measured on generated photos, an original against a resized and re-encoded copy, both
@@ -69,19 +69,18 @@ def perceptual_hash(image) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def source_hash(data: bytes, max_pixels: int) -> int:
-    """The perceptual hash of a source file, or -1 if it does not convert: decoded
-    through ``convert_image`` (every limit and check of the conversion) to at most 64x64
-    gray, then hashed."""
-    from transforms.images import ImageError, Resize, convert_image
+def converted_hash(data: bytes, settings) -> int:
+    """The perceptual hash of the record a source file becomes under ``settings`` (a
+    ``ConvertSettings``: every limit and check of the conversion), the same value
+    ``inspect --verify`` computes from that record; -1 if it does not convert (the
+    writer rejects it, with its reason)."""
+    from transforms.images import ImageError
 
     try:
-        small = convert_image(
-            data, Resize("fit", 64, 64), channels=1, image_format="png", max_pixels=max_pixels
-        )
+        converted = settings.convert(data)
     except ImageError:
-        return -1  # the writer rejects it, with its reason
-    return image_fingerprint(small.encoded)
+        return -1
+    return image_fingerprint(converted.encoded)
 
 
 def image_fingerprint(encoded: bytes) -> int:
