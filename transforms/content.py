@@ -22,12 +22,12 @@ import apache_beam as beam
 from apache_beam import pvalue
 
 from s3tfr import s3
-from s3tfr.contract import SPLIT_NAME_RE
 from s3tfr.host import usable_cpus
 from s3tfr.s3 import S3Config
 from transforms.duplicates import NearPairs, converted_hash, groups_of
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.references import ImageRef, Rejection
+from transforms.sharding import assign_problem
 from transforms.sources import read_source
 
 __all__ = ["Deduplicate", "GroupNear", "HashSources"]
@@ -117,13 +117,7 @@ def _keep_first(group, labels: list[str]):
         yield from refs
         return
     known = set(labels)
-    ordered = sorted(
-        refs,
-        key=lambda r: (
-            r.label not in known or bool(r.split and not SPLIT_NAME_RE.fullmatch(r.split)),
-            r,
-        ),
-    )
+    ordered = sorted(refs, key=lambda r: (assign_problem(r, known) is not None, r))
     kept, *twins = ordered
     yield kept
     # Identical bytes convert identically, so the kept one's fate is the twins' too.
@@ -145,10 +139,10 @@ def _keep_first(group, labels: list[str]):
 class Deduplicate(beam.PTransform):
     """Lists of hashed ``ImageRef`` -> one per content, in lists again.
 
-    The kept one is the first key in sorting order among those of a known class (with
-    ``--labels_file``, a twin in a listed class is kept over one in a class the file
-    leaves out), whatever else is listed with it, so the same input always keeps the
-    same images. Only references are grouped.
+    The kept one is the first key in sorting order among those AssignShards will take
+    (``sharding.assign_problem``: a twin in a listed class and a valid split folder is
+    kept over one AssignShards would reject), whatever else is listed with it, so the
+    same input always keeps the same images. Only references are grouped.
 
     Args:
         labels: a one-element PCollection holding the class names.

@@ -25,7 +25,7 @@ from transforms.references import (
     key_hash,
 )
 
-__all__ = ["AssignShards", "ShardConfig", "num_shards"]
+__all__ = ["AssignShards", "ShardConfig", "assign_problem", "num_shards"]
 
 # Shards are the unit of parallelism for the writer and for readers on many hosts, so a
 # split gets at least ``min_shards`` of them when each still holds this many images.
@@ -48,6 +48,16 @@ def num_shards(
     return max(1, min(wanted, examples))
 
 
+def assign_problem(ref: ImageRef, labels) -> tuple[str, str] | None:
+    """Why AssignShards rejects ``ref`` (code, reason), or ``None`` if it takes it;
+    ``labels``: the class names (any container)."""
+    if ref.label not in labels:
+        return "unknown_class", f"class {ref.label!r} is not in --labels_file"
+    if ref.split and not SPLIT_NAME_RE.fullmatch(ref.split):
+        return "bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+"
+    return None
+
+
 class _AssignFn(beam.DoFn):
     """[ImageRef] -> (split, [ShardItem]) per split; a Rejection per unknown or invalid name."""
 
@@ -63,11 +73,7 @@ class _AssignFn(beam.DoFn):
             self._labels, self._index = labels, {n: i for i, n in enumerate(labels)}
         by_split = collections.defaultdict(list)
         for ref in refs:
-            rejection = None
-            if ref.label not in self._index:
-                rejection = ("unknown_class", f"class {ref.label!r} is not in --labels_file")
-            elif ref.split and not SPLIT_NAME_RE.fullmatch(ref.split):
-                rejection = ("bad_split_name", f"split folder {ref.split!r} is not [A-Za-z0-9_]+")
+            rejection = assign_problem(ref, self._index)
             if rejection:
                 yield pvalue.TaggedOutput(
                     REJECTED, count_rejection(Rejection(ref.key, "assign", *rejection))

@@ -56,10 +56,15 @@ def versions() -> dict[str, str]:
     }
 
 
+def _scaled(side: int, eighths: int) -> int:
+    """A side's length in libjpeg-turbo's decode at ``eighths``/8 scale."""
+    return math.ceil(side * eighths / 8)
+
+
 def scale_eighths(width: int, height: int, need_width: int, need_height: int) -> int:
     """The smallest ``M`` in 1..8 whose ``M/8`` decode is at least the needed size."""
     for m in range(1, 8):
-        if math.ceil(width * m / 8) >= need_width and math.ceil(height * m / 8) >= need_height:
+        if _scaled(width, m) >= need_width and _scaled(height, m) >= need_height:
             return m
     return 8
 
@@ -70,7 +75,7 @@ def fits(width: int, height: int, eighths: int, out_size: tuple[int, int]) -> bo
     return (
         min(width, height) >= MIN_SIDE
         and max(out_size) < _MAX_WARP_SIDE
-        and math.ceil(max(width, height) * eighths / 8) < _MAX_WARP_SIDE
+        and _scaled(max(width, height), eighths) < _MAX_WARP_SIDE
     )
 
 
@@ -80,17 +85,17 @@ def decode(
     """``data`` decoded at ``eighths``/8 scale, ``(h, w)`` for gray or ``(h, w, 3)``;
     ``None`` if libjpeg-turbo refuses it or reports any damage (Pillow's path then
     decides: it accepts the same warnings as before and rejects truncation)."""
+    expected = (_scaled(height, eighths), _scaled(width, eighths))
     try:
         pixels = simplejpeg.decode_jpeg(
             data,
             colorspace="GRAY" if gray else "RGB",
-            min_width=math.ceil(width * eighths / 8),
-            min_height=math.ceil(height * eighths / 8),
+            min_width=expected[1],
+            min_height=expected[0],
             strict=True,
         )
     except (ValueError, RuntimeError):
         return None
-    expected = (math.ceil(height * eighths / 8), math.ceil(width * eighths / 8))
     if pixels.shape[:2] != expected:
         return None
     return pixels[:, :, 0] if gray else pixels
