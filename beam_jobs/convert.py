@@ -34,10 +34,11 @@ from beam_jobs.common import (
     s3_config,
 )
 from s3tfr import s3, storage
-from s3tfr.contract import REJECTED_FILE, TOOL
-from s3tfr.manifest import load_info, s3_error
+from s3tfr.contract import INDEX_DIR, MANIFEST, REJECTED_FILE, TOOL, index_name
+from s3tfr.manifest import DatasetError, load_info, s3_error
 from s3tfr.s3 import S3Config
 from transforms import turbo
+from transforms.append import Reconcile, naming_after, shard_files
 from transforms.commit import (
     ForeignFile,
     Lease,
@@ -163,6 +164,14 @@ class ConvertOptions(PipelineOptions):
             "--compression", default="none", choices=("none", "gzip"), help="shard compression"
         )
         parser.add_argument(
+            "--append",
+            action="store_true",
+            help="add to the committed dataset at --output instead of rewriting it: "
+            "convert only new and changed sources into new shards; drop the records of "
+            "changed and deleted ones by copying just the shards that hold them. "
+            "Committed shards are never rewritten (docs/APPEND.md)",
+        )
+        parser.add_argument(
             "--analyze",
             action="store_true",
             help="then run the analyze job (tensorflow-transform statistics, transform_fn) "
@@ -196,6 +205,13 @@ def _validate(opts: ConvertOptions) -> Resize:
             raise UserError(f"--{flag} must be positive")
     if opts.num_shards < 0:
         raise UserError("--num_shards must be 0 (by size) or positive")
+    if opts.append and opts.dedupe == "near":
+        raise UserError(
+            "--append cannot keep --dedupe near's groups: a new image can join committed "
+            "images of different splits into one group, which moves them; run a full convert"
+        )
+    if opts.append and opts.num_shards:
+        raise UserError("--append sizes its new shards by --shard_size_mb: drop --num_shards")
     if (opts.split_by == "content" or opts.dedupe == "near") and opts.split_from_dirs:
         flag = "--split_by content" if opts.split_by == "content" else "--dedupe near"
         raise UserError(
@@ -214,8 +230,9 @@ def _normalise(uri: str) -> str:
     return os.path.realpath(uri.removeprefix("file://")) + os.sep
 
 
-def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
-    """Fails early, with one line, on a missing bucket, prefix or class layout."""
+def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> list[str]:
+    """Fails early, with one line, on a missing bucket, prefix or class layout; returns
+    the sorted class names."""
     try:
         if not s3.is_s3(root) and not os.path.isdir(root.removeprefix("file://")):
             raise UserError(f"input {root} is not a directory")
@@ -246,6 +263,7 @@ def _check_input(root: str, config: S3Config, split_from_dirs: bool) -> None:
         else:
             what = "nothing"
         raise UserError(f"{root} holds {what}: expected images laid out {layout}")
+    return sorted(set(classes))
 
 
 def _check_output(output: str, input_root: str) -> None:
@@ -257,10 +275,10 @@ def _check_output(output: str, input_root: str) -> None:
 
 
 @contextlib.contextmanager
-def _output_lease(output: str, config: S3Config) -> Iterator[OutputRun]:
+def _output_lease(output: str, config: S3Config, append: bool) -> Iterator[OutputRun]:
     """Holds the output prefix for this run (:class:`transforms.commit.Lease`); taking
     the lease is also the proof that the output is writable."""
-    lease = Lease(output, config)
+    lease = Lease(output, config, append)
     try:
         run = lease.acquire()
     except OutputBusy as e:
@@ -344,7 +362,7 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
         opts.max_concurrent_gets + 10,
         options.view_as(DirectOptions).direct_num_workers,
     )
-    _check_input(opts.input, config, opts.split_from_dirs)
+    classes = _check_input(opts.input, config, opts.split_from_dirs)
     _check_output(opts.output, opts.input)
     fixed_labels = _read_labels(opts.labels_file, config) if opts.labels_file else None
     settings = ConvertSettings(
@@ -360,8 +378,12 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
         "codecs": turbo.versions(),
         "compression": "GZIP" if opts.compression == "gzip" else "",
     }
-    with _output_lease(opts.output, config) as output_run:
-        result = _convert(opts, options, output_run, settings, base_info, fixed_labels)
+    with _output_lease(opts.output, config, opts.append) as output_run:
+        base = None
+        if opts.append:
+            base = _append_base(opts.output, config, base_info, fixed_labels or classes)
+            fixed_labels = base["labels"] if base else fixed_labels
+        result = _convert(opts, options, output_run, settings, base_info, fixed_labels, base)
         if opts.analyze:
             # Imported here: TensorFlow Transform takes seconds to load and convert alone
             # never needs it. The analysis reads the committed shards (resized images), not
@@ -374,6 +396,58 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
     return result
 
 
+# Options that may differ between a dataset and an append to it: they size shards only.
+_SHARD_SIZE_OPTIONS = ("shard_size_mb", "num_shards", "min_shards")
+
+
+def _append_base(
+    output: str, config: S3Config, base_info: dict, labels: list[str]
+) -> dict | None:
+    """The committed dataset an append adds to (``None``: there is none yet, and the
+    append is a full conversion), checked against this run; read while the lease is
+    held.
+
+    Raises:
+        UserError: the dataset was converted with other options or classes, or has no
+            key index (converted by an older version).
+    """
+    try:
+        info = load_info(output, config)
+    except DatasetError as e:
+        if "no " + MANIFEST in str(e):
+            progress.LOGGER.info("convert --append: no dataset at %s yet: converting all", output)
+            return None
+        raise UserError(f"--append: {e}") from None
+    ours, theirs = base_info["options"], info.get("options", {})
+    changed = [
+        f"--{name} {theirs.get(name)!r} (now {ours[name]!r})"
+        for name in ours
+        if name not in _SHARD_SIZE_OPTIONS and theirs.get(name) != ours[name]
+    ]
+    if changed:
+        raise UserError(
+            f"--append: {output} was converted with {', '.join(changed)}: append with "
+            "the options it was converted with, or run a full convert"
+        )
+    if labels != info["labels"]:
+        new = sorted(set(labels) - set(info["labels"]))
+        gone = sorted(set(info["labels"]) - set(labels))
+        raise UserError(
+            f"--append: the classes differ from the dataset's (new: {new or 'none'}; "
+            f"gone: {gone or 'none'}), so every record's label index would change: run a "
+            "full convert, or pass --labels_file with the dataset's labels.txt to reject "
+            "images of other classes"
+        )
+    indexed = set(storage.list_files(storage.join(output, INDEX_DIR), config))
+    missing = [f for f in shard_files(info) if index_name(f).split("/", 1)[1] not in indexed]
+    if missing:
+        raise UserError(
+            f"--append: {len(missing)} shards of {output} have no key index ({missing[0]}, "
+            "...): the dataset was converted by an older version; run a full convert once"
+        )
+    return info
+
+
 def _convert(
     opts: ConvertOptions,
     options: PipelineOptions,
@@ -381,8 +455,10 @@ def _convert(
     settings: ConvertSettings,
     base_info: dict,
     fixed_labels: list[str] | None,
+    base: dict | None,
 ) -> beam.runners.runner.PipelineResult:
-    """The convert pipeline itself, run while ``output_run`` holds the output."""
+    """The convert pipeline itself, run while ``output_run`` holds the output; with
+    ``base``, an append to that committed dataset (:mod:`transforms.append`)."""
     config = output_run.config
     progress.LOGGER.info("convert: listing %s …", opts.input)
     with (
@@ -406,6 +482,19 @@ def _convert(
             "content" if opts.dedupe == "near" else opts.split_by,
         )  # fmt: skip
         refs, content_rejected, near_roots = listed["refs"], [], None
+        held = compactions = None
+        if base is not None:
+            progress.LOGGER.info(
+                "convert --append: comparing the listing with the key index of %d shards …",
+                len(shard_files(base)),
+            )
+            reconciled = refs | "Reconcile" >> Reconcile(
+                base, opts.output, opts.input, opts.max_concurrent_gets, config
+            )
+            refs, held, compactions = (
+                reconciled["fresh"], reconciled["count"], reconciled["compactions"]
+            )
+            content_rejected.append(reconciled["rejected"])
         if sharding.split_by == "content" or opts.dedupe != "none":
             progress.LOGGER.info("convert: reading every source once to hash its content …")
             hashed = refs | "HashSources" >> HashSources(
@@ -415,7 +504,9 @@ def _convert(
             refs = hashed["refs"]
             content_rejected.append(hashed["rejected"])
             if opts.dedupe == "exact":
-                deduplicated = refs | "Deduplicate" >> Deduplicate(labels)
+                deduplicated = refs | "Deduplicate" >> Deduplicate(
+                    labels, reconciled["held"] if base is not None else None
+                )
                 refs = deduplicated["refs"]
                 content_rejected.append(deduplicated["rejected"])
             elif opts.dedupe == "near":
@@ -423,7 +514,10 @@ def _convert(
         assigned = refs | "AssignShards" >> AssignShards(
             labels, sharding, estimate, near_roots
         )
-        written = assigned["groups"] | "WriteShards" >> WriteShards(
+        groups = assigned["groups"]
+        if compactions is not None:
+            groups = (groups, compactions) | "WithCompactions" >> beam.Flatten()
+        written = groups | "WriteShards" >> WriteShards(
             opts.input,
             opts.output,
             settings,
@@ -432,6 +526,7 @@ def _convert(
             config,
             output_run,
             reported,
+            naming_after(base) if base is not None else None,
         )
         rejected = (
             listed["rejected"],
@@ -440,7 +535,7 @@ def _convert(
             written["rejected"],
         ) | "AllRejected" >> beam.Flatten()
         _ = {"shards": written["shards"], "rejected": rejected} | "WriteManifest" >> (
-            WriteManifest(output_run, labels, listed_count, base_info)
+            WriteManifest(output_run, labels, listed_count, base_info, base, held)
         )
     return p.result
 

@@ -24,6 +24,7 @@ __all__ = [
     "FORMAT_VERSION",
     "HEIGHT_KEY",
     "IMAGE_KEY",
+    "INDEX_DIR",
     "LABELS",
     "LABEL_KEY",
     "LABEL_TEXT_KEY",
@@ -46,6 +47,7 @@ __all__ = [
     "WIDTH_KEY",
     "fd_sha256",
     "file_sha256",
+    "index_name",
     "shard_name",
     "split_fingerprint",
 ]
@@ -64,7 +66,10 @@ REJECTED_FILE = "rejected.jsonl"  # one JSON object per input not written
 # Split names: they become file names and TFDS split names.
 SPLIT_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 # Shards: ``<split>-<index>-of-<count>.tfrecord``, five digits each. Anchored with
-# fullmatch: no separator, no "..", nothing before or after.
+# fullmatch: no separator, no "..", nothing before or after. ``count`` is the split's
+# shard count at its first conversion; shards that ``convert --append`` adds continue
+# the numbering beyond it (``train-00032-of-00032``), so that one name pattern (and one
+# TensorFlow Datasets file template) covers every shard of a split.
 SHARD_NAME_RE = re.compile(
     rf"(?P<split>{SPLIT_NAME_RE.pattern})-(?P<index>\d{{5}})-of-(?P<count>\d{{5}})\.tfrecord"
 )
@@ -73,6 +78,16 @@ SHARD_NAME_RE = re.compile(
 def shard_name(split: str, index: int, count: int) -> str:
     """The file name of shard ``index`` of ``count`` in ``split`` (``SHARD_NAME_RE``)."""
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+# Beside each shard, the key index of its records (``convert --append`` reads it to find
+# what the dataset holds): gzip'd JSON lines ``{"key", "size", "stamp", "sha256"}``.
+INDEX_DIR = "s3tfr_index"
+
+
+def index_name(shard: str) -> str:
+    """The key index file of the shard named ``shard`` (a ``SHARD_NAME_RE`` name)."""
+    return f"{INDEX_DIR}/{shard}.jsonl.gz"
 
 
 # Each record is a tf.train.Example with these keys (the classic ImageNet converters').

@@ -180,6 +180,7 @@ def validate_info(info: Any, uri: str = "<dataset>") -> dict:
             f"{where}.class_counts must map labels to ints >= 0",
         )
         total = 0
+        series: set[str] = set()
         for i, shard in enumerate(shards):
             at = f"{where}.shards[{i}]"
             _require(isinstance(shard, dict), uri, f"{at} must be an object")
@@ -191,11 +192,10 @@ def validate_info(info: Any, uri: str = "<dataset>") -> dict:
                 f"{at}.file {name!r} is not a plain '{split}-NNNNN-of-NNNNN.tfrecord' name",
             )
             _require(match["split"] == split, uri, f"{at}.file {name!r} is not of split {split}")
-            _require(
-                int(match["index"]) < int(match["count"]),
-                uri,
-                f"{at}.file {name!r} has an index beyond its count",
-            )
+            # One count per split: the series every shard of it is numbered in (shards
+            # an append added run past it).
+            series.add(match["count"])
+            _require(len(series) == 1, uri, f"{where} mixes shard counts in its names")
             _require(name not in seen, uri, f"shard {name!r} is listed twice")
             seen.add(name)
             for key in ("examples", "bytes"):

@@ -297,8 +297,10 @@ def candidate_rejection(key: str, size: int) -> str | None:
 
 def walk_folder(
     root: str, folder: str, config: S3Config | None = None
-) -> Iterator[Entry]:
-    """Every file under ``folder`` (a name relative to ``root``), named relative to ``root``.
+) -> Iterator[tuple[str, int, str]]:
+    """Every file under ``folder`` (a name relative to ``root``), named relative to
+    ``root``, as ``(name, size, stamp)``. The stamp changes when the file is rewritten:
+    the ETag on S3, the modification time in nanoseconds locally.
 
     Unlike ``walk(join(root, folder))``, which strips slashes, the folder is taken as it
     is: on S3 the folder ``""`` (keys ``<root>//…``) lists only the keys under ``<root>//``,
@@ -307,7 +309,12 @@ def walk_folder(
     if s3.is_s3(root):
         bucket, prefix = _key_prefix(root)
         for obj in s3.iter_objects(bucket, f"{prefix}{folder}/", config):
-            yield obj.key[len(prefix) :], obj.size
+            yield obj.key[len(prefix) :], obj.size, obj.etag
         return
-    for rel, size in walk(join(root, folder), config):
-        yield f"{folder}/{rel}", size
+    base = join(root, folder)
+    for rel, size in walk(base, config):
+        try:
+            stamp = str(os.stat(os.path.join(_local(base), rel)).st_mtime_ns)
+        except OSError:
+            stamp = ""
+        yield f"{folder}/{rel}", size, stamp

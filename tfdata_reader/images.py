@@ -41,7 +41,7 @@ def list_images(
     labelled = sorted(
         (key, index)
         for index, name in enumerate(classes)
-        for key, size in storage.walk_folder(uri, name, config)
+        for key, size, _stamp in storage.walk_folder(uri, name, config)
         if storage.candidate_rejection(key, size) is None
     )
     if not labelled:

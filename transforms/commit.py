@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from collections.abc import Iterator
 import botocore.exceptions
 
 from s3tfr import s3, storage
-from s3tfr.contract import LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE
+from s3tfr.contract import LEGACY_MANIFEST, MANIFEST, SHARD_NAME_RE, index_name
 from s3tfr.manifest import is_manifest
 from s3tfr.s3 import S3Config
 from transforms.tfds_metadata import TFDS_FILES
@@ -98,6 +99,10 @@ class OutputRun:
     output: str
     run_id: str
     config: S3Config | None = None
+    # convert --append: the committed manifest stays until this run replaces it (no
+    # committed shard changes before then), and is replaced only if it is still the one
+    # this run started from.
+    append: bool = False
 
     def uri(self, name: str) -> str:
         return storage.join(self.output, name)
@@ -276,8 +281,10 @@ class Lease:
     the background, and releases at the end, whether the run succeeded or not.
     """
 
-    def __init__(self, output: str, config: S3Config | None = None) -> None:
-        self.run = OutputRun(output, uuid.uuid4().hex[:16], config)
+    def __init__(
+        self, output: str, config: S3Config | None = None, append: bool = False
+    ) -> None:
+        self.run = OutputRun(output, uuid.uuid4().hex[:16], config, append)
         self._etag = ""
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -388,6 +395,14 @@ class Lease:
         )
         for other in sorted(others):
             _delete_tree(storage.join(runs_root, other), run.config)
+        if run.append:
+            # What the commit replaces: the manifest as this run found it.
+            found = _read(run.uri(MANIFEST), run.config)
+            base = {"etag": found[1], "sha256": hashlib.sha256(found[0]).hexdigest()} if found else {}
+            storage.write_bytes(
+                storage.join(run.records, "base.json"), json.dumps(base).encode(), run.config
+            )
+            return
         storage.delete(run.uri(MANIFEST), run.config)
         for name in TFDS_FILES:
             storage.delete(run.uri(name), run.config)
@@ -526,30 +541,73 @@ def finish(
     run: OutputRun, keep: set[str], files: dict[str, bytes], manifest: bytes
 ) -> None:
     """Deletes stale files, writes ``files`` (name -> bytes: labels, rejections), commits
-    ``manifest`` and removes this run's records.
+    ``manifest`` and removes this run's records. An append (``run.append``) replaces the
+    manifest it started from and deletes the shards it replaced only after that, so the
+    dataset stays readable throughout.
 
     Raises:
         LeaseLost: another run holds the prefix now; nothing was written.
         ManifestConflict: another run committed a manifest meanwhile.
     """
     _check_held(run)
-    for name in stale_files(run, keep):
-        storage.delete(run.uri(name), run.config)
+    stale = stale_files(run, keep)
+    if not run.append:
+        _delete_shards(run, stale)
     for name, data in files.items():
         _check_held(run)  # a run that lost the prefix must not touch another's files
         storage.write_bytes(run.uri(name), data, run.config)
     _check_held(run)
     manifest_uri = run.uri(MANIFEST)
-    try:
-        etag = create_exclusive(manifest_uri, manifest, run.config)
-    except FileExistsError:
-        raise ManifestConflict(
-            f"another run committed {manifest_uri} while this one ran: not overwriting it"
-        ) from None
+    if run.append:
+        etag = _replace_base(run, manifest)
+    else:
+        try:
+            etag = create_exclusive(manifest_uri, manifest, run.config)
+        except FileExistsError:
+            raise ManifestConflict(
+                f"another run committed {manifest_uri} while this one ran: not overwriting it"
+            ) from None
     if not held(run):
         # Taken over between the check and the create: the new holder may already be
         # rewriting shards, so this manifest must not stand.
         with _guard(run), contextlib.suppress(LeaseLost):
             _replace_if(manifest_uri, None, etag, run.config)
         raise LeaseLost(f"lost the lease on {run.output} while committing; rerun the job")
+    if run.append:
+        _delete_shards(run, stale)
     _delete_tree(run.records, run.config)
+
+
+def _delete_shards(run: OutputRun, names: list[str]) -> None:
+    """Deletes shards, each with its key index."""
+    for name in names:
+        storage.delete(run.uri(name), run.config)
+        storage.delete(run.uri(index_name(name)), run.config)
+
+
+def _replace_base(run: OutputRun, manifest: bytes) -> str:
+    """Replaces the manifest an append started from with ``manifest``; creates it where
+    there was none. Returns the new manifest's ETag (S3) or ``""``.
+
+    Raises:
+        ManifestConflict: the manifest is no longer the one the run started from.
+    """
+    uri = run.uri(MANIFEST)
+    found = _read(storage.join(run.records, "base.json"), run.config)
+    base = json.loads(found[0]) if found else {}
+    conflict = ManifestConflict(
+        f"{uri} changed while this append ran (another run committed): not overwriting it"
+    )
+    if not base.get("sha256"):
+        try:
+            return create_exclusive(uri, manifest, run.config)
+        except FileExistsError:
+            raise conflict from None
+    with _guard(run):
+        current = _read(uri, run.config)
+        if current is None or hashlib.sha256(current[0]).hexdigest() != base["sha256"]:
+            raise conflict
+        try:
+            return _replace_if(uri, manifest, base["etag"], run.config)
+        except LeaseLost:
+            raise conflict from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -108,18 +109,31 @@ class HashSources(beam.PTransform):
         return {"refs": hashed.refs, "rejected": hashed[REJECTED]}
 
 
+class _Held(NamedTuple):
+    """A reference whose record the dataset already holds (``convert --append``)."""
+
+    ref: ImageRef
+
+
 def _keep_first(group, labels: list[str]):
     """(sha256, refs) -> the first ref by key among those AssignShards will take (a
     class in ``labels``, a valid split folder), else the first of all; a Rejection for
-    each of its twins. Empty files are not deduplicated: each is rejected as empty."""
-    _digest, refs = group
-    if len(refs) == 1 or refs[0].size == 0:
+    each of its twins. A content the dataset already holds (``_Held``) keeps its record:
+    every new twin is rejected. Empty files are not deduplicated: each is rejected as
+    empty."""
+    _digest, members = group
+    held = sorted(m.ref for m in members if isinstance(m, _Held))
+    refs = [m for m in members if not isinstance(m, _Held)]
+    if not held and (len(refs) == 1 or refs[0].size == 0):
         yield from refs
         return
     known = set(labels)
     ordered = sorted(refs, key=lambda r: (assign_problem(r, known) is not None, r))
-    kept, *twins = ordered
-    yield kept
+    if held:
+        kept, twins = held[0], ordered
+    else:
+        kept, *twins = ordered
+        yield kept
     # Identical bytes convert identically, so the kept one's fate is the twins' too.
     fate = "if it is rejected too, its own line says why"
     for twin in twins:
@@ -146,20 +160,30 @@ class Deduplicate(beam.PTransform):
 
     Args:
         labels: a one-element PCollection holding the class names.
+        held: ``convert --append``: lists of ``ImageRef`` (with their SHA-256) whose
+            records the dataset holds; a new source with the same bytes is a twin.
 
     Returns:
         A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (the twins, code
         ``duplicate``, or ``label_conflict`` where the twin is in another class).
     """
 
-    def __init__(self, labels) -> None:
+    def __init__(self, labels, held=None) -> None:
         super().__init__()
         self._labels = labels
+        self._held = held
 
     def expand(self, refs):
+        by_content = refs | "ByContent" >> beam.FlatMap(
+            lambda batch: ((r.sha256, r) for r in batch)
+        )
+        if self._held is not None:
+            held = self._held | "HeldByContent" >> beam.FlatMap(
+                lambda batch: ((r.sha256, _Held(r)) for r in batch)
+            )
+            by_content = (by_content, held) | "WithHeld" >> beam.Flatten()
         kept = (
-            refs
-            | "ByContent" >> beam.FlatMap(lambda batch: ((r.sha256, r) for r in batch))
+            by_content
             | "GroupByContent" >> beam.GroupByKey()
             | "KeepFirst"
             >> beam.FlatMap(_keep_first, pvalue.AsSingleton(self._labels)).with_outputs(

@@ -182,8 +182,8 @@ def convert_record(settings: ConvertSettings, item: ShardItem, data: bytes):
     """An image's source bytes -> its framed TFRecord, or why it cannot be one.
 
     Returns:
-        ``(framed record, source size, image with its encoded bytes dropped)`` or a
-        :class:`Rejection`; never raises for a bad image (:func:`convert_image` raises
+        ``(framed record, source size, image with its encoded bytes dropped, the
+        source's hex SHA-256)`` or a :class:`Rejection`; never raises for a bad image (:func:`convert_image` raises
         only :class:`ImageError`, whose reason holds no byte of the input).
     """
     digest = hashlib.sha256(data).hexdigest()
@@ -196,4 +196,4 @@ def convert_record(settings: ConvertSettings, item: ShardItem, data: bytes):
     except ImageError as e:
         return Rejection(item.key, "decode", e.code, str(e))
     record = example_bytes(image, item.label, item.label_text, item.key, digest)
-    return frame_record(record), len(data), dataclasses.replace(image, encoded=b"")
+    return frame_record(record), len(data), dataclasses.replace(image, encoded=b""), digest

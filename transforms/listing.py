@@ -190,7 +190,7 @@ class _ListFolderFn(beam.DoFn):
     def process(self, folder: _Folder):
         refs = []
         listed = 0
-        for key, size in storage.walk_folder(self._root, folder.rel, self._config):
+        for key, size, stamp in storage.walk_folder(self._root, folder.rel, self._config):
             listed += 1
             code = folder.code or storage.candidate_rejection(key, size)
             if code:
@@ -199,7 +199,7 @@ class _ListFolderFn(beam.DoFn):
                     REJECTED, Rejection(storage.printable(key), "list", code, reason)
                 )
                 continue
-            refs.append(ImageRef(key, size, folder.label, folder.split))
+            refs.append(ImageRef(key, size, folder.label, folder.split, stamp=stamp))
             if len(refs) == REF_BATCH:
                 yield refs
                 refs = []

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import collections
 import json
+from collections import Counter
 
 import apache_beam as beam
 from apache_beam import pvalue
 
 from s3tfr import storage
-from s3tfr.contract import FORMAT_VERSION, LABELS, MANIFEST, REJECTED_FILE, shard_name
+from s3tfr.contract import (
+    FORMAT_VERSION,
+    LABELS,
+    MANIFEST,
+    REJECTED_FILE,
+    index_name,
+    shard_name,
+)
 from transforms.commit import OutputRun, finish, mark_written
 from transforms.references import Rejection
 from transforms.tfds_metadata import tfds_files
@@ -46,9 +54,18 @@ class AccountingError(RuntimeError):
     """Listed objects are missing from both the output and the rejections."""
 
 
-def _merge_stats(shards: list[dict]) -> dict:
+def _merge_stats(shards: list[dict], base: dict | None = None, base_examples: int = 0) -> dict:
+    """The source image statistics of ``shards`` (converted by this run), merged with
+    those of a committed dataset (``base``, over ``base_examples`` images) when
+    appending."""
     formats: collections.Counter[str] = collections.Counter()
     height, width, examples = [None, 0, 0], [None, 0, 0], 0
+    if base and base_examples:
+        formats.update(base["source_formats"])
+        examples = base_examples
+        for acc, name in ((height, "source_height"), (width, "source_width")):
+            summary = base[name]
+            acc[0], acc[1], acc[2] = summary["min"], summary["max"], summary["mean"] * examples
     for shard in shards:
         stats = shard["stats"]
         formats.update(stats["source_formats"])
@@ -69,36 +86,14 @@ def _merge_stats(shards: list[dict]) -> dict:
     }
 
 
-def commit_dataset(
-    run: OutputRun,
-    shards: list[dict],
-    rejected: list[Rejection],
-    labels: list[str],
-    listed: int,
-    base_info: dict,
-) -> dict:
-    """Finishes a dataset: names, cleans, and writes the metadata files, manifest last.
+def _entry(shard: dict) -> dict:
+    return {key: shard[key] for key in ("file", "examples", "bytes", "sha256")}
 
-    Beside labels.txt and rejected.jsonl, the metadata files are TensorFlow Datasets'
-    (:func:`transforms.tfds_metadata.tfds_files`), for an uncompressed dataset.
 
-    A shard whose every image was rejected was not written; the others of its split are
-    then renamed so that names run ``00000 .. N-1`` of ``N`` without a gap. Only files the
-    dataset owns are deleted (:func:`transforms.commit.finish`).
-
-    Returns:
-        The manifest dict that was written.
-
-    Raises:
-        AccountingError: if ``listed != converted + rejected`` (nothing is written then).
-        LeaseLost, FileExistsError: another run holds the prefix or committed first.
-    """
-    converted = sum(s["examples"] for s in shards)
-    if listed != converted + len(rejected):
-        raise AccountingError(
-            f"listed {listed} objects but converted {converted} and rejected "
-            f"{len(rejected)}: refusing to mark the dataset complete"
-        )
+def _full_splits(run: OutputRun, shards: list[dict]) -> dict[str, tuple[list[dict], Counter]]:
+    """A full conversion's splits: its shards, numbered ``00000 .. N-1`` of ``N`` without
+    a gap (a shard whose every image was rejected was not written: the others of its
+    split are renamed, each with its key index)."""
     by_split: dict[str, list[dict]] = collections.defaultdict(list)
     for shard in sorted(shards, key=lambda s: s["file"]):
         if shard["examples"]:
@@ -106,32 +101,103 @@ def commit_dataset(
     splits = {}
     for split, written in sorted(by_split.items()):
         entries = []
+        counts: collections.Counter[str] = collections.Counter()
         for index, shard in enumerate(written):
             final = shard_name(split, index, len(written))
             if final != shard["file"]:
                 mark_written(run, final)
-                storage.rename(run.uri(shard["file"]), run.uri(final), run.config)
-            entries.append(
-                {
-                    "file": final,
-                    "examples": shard["examples"],
-                    "bytes": shard["bytes"],
-                    "sha256": shard["sha256"],
-                }
+                for old, new in ((shard["file"], final),
+                                 (index_name(shard["file"]), index_name(final))):  # fmt: skip
+                    storage.rename(run.uri(old), run.uri(new), run.config)
+            entries.append({**_entry(shard), "file": final})
+            counts.update(shard["stats"]["class_counts"])
+        splits[split] = (entries, counts)
+    return splits
+
+
+def _appended_splits(base: dict, shards: list[dict]) -> dict[str, tuple[list[dict], Counter]]:
+    """An append's splits: the committed shards it did not replace, its copies of those
+    it did (less the changed and deleted sources' records), and its new shards, in
+    name order; names may skip numbers (a replaced shard's, an empty group's)."""
+    replaced = {s["replaces"] for s in shards if "replaces" in s}
+    entries: dict[str, list[dict]] = collections.defaultdict(list)
+    counts: dict[str, Counter] = collections.defaultdict(collections.Counter)
+    for split, entry in base["splits"].items():
+        entries[split] += [e for e in entry["shards"] if e["file"] not in replaced]
+        counts[split].update(entry["class_counts"])
+    for shard in shards:
+        split, stats = shard["split"], shard["stats"]
+        if "replaces" in shard:
+            counts[split].subtract(stats["dropped_class_counts"])
+        else:
+            counts[split].update(stats["class_counts"])
+        if shard["examples"]:
+            entries[split].append(_entry(shard))
+    return {
+        split: (sorted(entries[split], key=lambda e: e["file"]), counts[split])
+        for split in sorted(entries)
+        if entries[split]
+    }
+
+
+def commit_dataset(
+    run: OutputRun,
+    shards: list[dict],
+    rejected: list[Rejection],
+    labels: list[str],
+    listed: int,
+    base_info: dict,
+    base: dict | None = None,
+    held: int = 0,
+) -> dict:
+    """Finishes a dataset: names, cleans, and writes the metadata files, manifest last.
+
+    Beside labels.txt and rejected.jsonl, the metadata files are TensorFlow Datasets'
+    (:func:`transforms.tfds_metadata.tfds_files`), for an uncompressed dataset. Only
+    files the dataset owns are deleted (:func:`transforms.commit.finish`).
+
+    Args:
+        base: the committed manifest an append (``convert --append``) adds to; ``None``
+            for a full conversion.
+        held: with ``base``, its records whose sources are listed unchanged.
+
+    Returns:
+        The manifest dict that was written.
+
+    Raises:
+        AccountingError: if ``listed != converted + rejected``, or an append's held and
+            dropped records do not add up to the committed ones (nothing is written then).
+        LeaseLost, FileExistsError: another run holds the prefix or committed first.
+    """
+    new = [s for s in shards if "replaces" not in s]
+    converted_new = sum(s["examples"] for s in new)
+    if base is not None:
+        dropped = sum(s["dropped"] for s in shards if "replaces" in s)
+        committed = sum(split["examples"] for split in base["splits"].values())
+        if held != committed - dropped:
+            raise AccountingError(
+                f"the dataset held {committed} records, {dropped} were dropped and "
+                f"{held} matched the listing: refusing to commit the append"
             )
-        class_counts: collections.Counter[str] = collections.Counter()
-        for shard in written:
-            class_counts.update(shard["stats"]["class_counts"])
-        splits[split] = {
+    if listed != held + converted_new + len(rejected):
+        raise AccountingError(
+            f"listed {listed} objects but converted {held + converted_new} and rejected "
+            f"{len(rejected)}: refusing to mark the dataset complete"
+        )
+    found = _full_splits(run, shards) if base is None else _appended_splits(base, shards)
+    splits = {
+        split: {
             "examples": sum(e["examples"] for e in entries),
             "bytes": sum(e["bytes"] for e in entries),
             "num_shards": len(entries),
-            "class_counts": {label: class_counts.get(label, 0) for label in labels},
+            "class_counts": {label: counts.get(label, 0) for label in labels},
             "shards": entries,
         }
-
+        for split, (entries, counts) in found.items()
+    }
     ordered = sorted(rejected, key=lambda r: (r.key, r.stage, r.code))
     by_code = collections.Counter(r.code for r in ordered)
+    converted = sum(split["examples"] for split in splits.values())
     info = {
         "format_version": FORMAT_VERSION,
         **base_info,
@@ -145,8 +211,16 @@ def commit_dataset(
             "rejected_by_code": dict(sorted(by_code.items())),
         },
         "splits": splits,
-        "image_stats": _merge_stats(shards),
+        "image_stats": _merge_stats(new),
     }
+    if base is not None:
+        info["image_stats"] = _merge_stats(new, base["image_stats"], held + dropped)
+        info["appends"] = [*base.get("appends", []), {
+            "added": converted_new, "dropped": dropped,
+            "replaced_shards": sorted(s["replaces"] for s in shards if "replaces" in s),
+            "codecs": base_info.get("codecs", {}),
+        }]  # fmt: skip
+        info["codecs"] = base.get("codecs", info.get("codecs"))
     info["source"] = {**info.get("source", {}), "objects_listed": listed}
     files = {
         LABELS: "".join(f"{label}\n" for label in labels).encode(),
@@ -167,25 +241,32 @@ class WriteManifest(beam.PTransform):
         labels: one-element PCollection with the class names.
         listed: one-element PCollection with the number of objects listed.
         base_info: manifest fields known up front (source, options, tool).
+        base: the committed manifest an append adds to (``None``: a full conversion).
+        held: with ``base``, a one-element PCollection: its records still listed unchanged.
 
     The input is a dict: ``"shards"`` (shard info dicts) and ``"rejected"`` (Rejection).
     Returns a one-element PCollection with the written manifest dict.
     """
 
-    def __init__(self, run: OutputRun, labels, listed, base_info: dict) -> None:
+    def __init__(
+        self, run: OutputRun, labels, listed, base_info: dict, base: dict | None = None,
+        held=None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self._run = run
         self._labels = labels
         self._listed = listed
-        self._base = base_info
+        self._base_info = base_info
+        self._base = base
+        self._held = held
 
     def expand(self, inputs):
-        run, base = self._run, self._base
+        run, base_info, base = self._run, self._base_info, self._base
 
-        def commit(results: list, labels: list[str], listed: int) -> dict:
+        def commit(results: list, labels: list[str], listed: int, held: int = 0) -> dict:
             shards = [r for r in results if not isinstance(r, Rejection)]
             rejected = [r for r in results if isinstance(r, Rejection)]
-            return commit_dataset(run, shards, rejected, labels, listed, base)
+            return commit_dataset(run, shards, rejected, labels, listed, base_info, base, held)
 
         # One list of both (shard info dicts and rejections), so one combine: with no
         # input at all it still holds one (empty) list, and the commit still runs.
@@ -194,5 +275,10 @@ class WriteManifest(beam.PTransform):
             | "AllResults" >> beam.Flatten()
             | "ResultList" >> beam.combiners.ToList()
             | "Commit"
-            >> beam.Map(commit, pvalue.AsSingleton(self._labels), pvalue.AsSingleton(self._listed))
+            >> beam.Map(
+                commit,
+                pvalue.AsSingleton(self._labels),
+                pvalue.AsSingleton(self._listed),
+                *([pvalue.AsSingleton(self._held)] if self._held is not None else []),
+            )
         )

@@ -6,11 +6,23 @@ memory is bounded by its in-flight window, not by the dataset (docs/ARCHITECTURE
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["ImageRef", "Rejection", "ShardItem", "content_split_key", "key_hash"]
+__all__ = [
+    "Compaction",
+    "ImageRef",
+    "IndexRow",
+    "Rejection",
+    "ShardItem",
+    "content_split_key",
+    "decode_index",
+    "encode_index",
+    "key_hash",
+]
 
 
 class ImageRef(NamedTuple):
@@ -22,6 +34,7 @@ class ImageRef(NamedTuple):
     split: str = ""  # set only with --split_from_dirs
     sha256: str = ""  # the content's hex SHA-256, set only when sources are hashed
     phash: int = -1  # its perceptual hash, set only with --dedupe near (-1: none)
+    stamp: str = ""  # changes when the source is rewritten: S3 ETag, local mtime (ns)
 
 
 class ShardItem(NamedTuple):
@@ -33,6 +46,54 @@ class ShardItem(NamedTuple):
     label: int
     label_text: str
     sha256: str = ""  # the content it was assigned by, if any: checked when written
+    stamp: str = ""  # the listing's stamp (ImageRef.stamp), for the key index
+
+
+class IndexRow(NamedTuple):
+    """One record of a committed shard, as its key index holds it (``convert --append``
+    compares it with the listing); ``file`` is the shard's name."""
+
+    key: str
+    size: int
+    stamp: str
+    sha256: str
+    file: str = ""
+
+
+class Compaction(NamedTuple):
+    """A committed shard to copy, less the records of ``drop`` (keys whose source was
+    changed or deleted since): the shard writer's work for a group of this alone."""
+
+    file: str
+    drop: frozenset[str]
+
+
+def encode_index(rows: Iterable[IndexRow]) -> bytes:
+    """A shard's key index: gzip'd JSON lines in record order (no time stamp in the
+    gzip header, so the same records give the same bytes)."""
+    lines = "".join(
+        json.dumps({"key": r.key, "size": r.size, "stamp": r.stamp, "sha256": r.sha256},
+                   ensure_ascii=False, sort_keys=True) + "\n"
+        for r in rows
+    )  # fmt: skip
+    return gzip.compress(lines.encode(), mtime=0)
+
+
+def decode_index(data: bytes, file: str) -> list[IndexRow]:
+    """The rows of the key index of the shard ``file`` (as :func:`encode_index` wrote).
+
+    Raises:
+        ValueError: the bytes are not such an index.
+    """
+    rows = []
+    try:
+        for line in gzip.decompress(data).decode().splitlines():
+            row = json.loads(line)
+            rows.append(IndexRow(str(row["key"]), int(row["size"]), str(row["stamp"]),
+                                 str(row["sha256"]), file))  # fmt: skip
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"the key index of {file} is damaged ({type(e).__name__})") from None
+    return rows
 
 
 class Rejection(NamedTuple):

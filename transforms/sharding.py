@@ -15,7 +15,7 @@ import math
 import apache_beam as beam
 from apache_beam import pvalue
 
-from s3tfr.contract import SPLIT_NAME_RE
+from s3tfr.contract import SPLIT_NAME_RE, shard_name
 from transforms.listing import REJECTED, count_rejection
 from transforms.references import (
     ImageRef,
@@ -25,7 +25,18 @@ from transforms.references import (
     key_hash,
 )
 
-__all__ = ["AssignShards", "ShardConfig", "assign_problem", "num_shards"]
+__all__ = [
+    "COMPACTION_BUCKET",
+    "AssignShards",
+    "ShardConfig",
+    "ShardNaming",
+    "assign_problem",
+    "num_shards",
+]
+
+# Shard groups of ``convert --append`` that copy a committed shard (``Compaction``) have
+# buckets from here on, after every bucket of new images: they are named after them.
+COMPACTION_BUCKET = 1 << 48
 
 # Shards are the unit of parallelism for the writer and for readers on many hosts, so a
 # split gets at least ``min_shards`` of them when each still holds this many images.
@@ -86,7 +97,8 @@ class _AssignFn(beam.DoFn):
             split = ref.split or ("validation" if u < self._fraction else "train")
             by_split[split].append(
                 ShardItem(
-                    order, ref.key, ref.size, self._index[ref.label], ref.label, ref.sha256
+                    order, ref.key, ref.size, self._index[ref.label], ref.label, ref.sha256,
+                    ref.stamp,
                 )
             )
         yield from by_split.items()
@@ -132,6 +144,27 @@ class ShardConfig:
     fixed_shards: int = 0
     min_shards: int = 1
     split_by: str = "key"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardNaming:
+    """Where a run's shard names start, per split: a full conversion numbers each split's
+    shards ``0 .. N-1`` of ``N``; an append continues after the committed shards
+    (``first``), in the split's series (``series``: the count its names carry).
+
+    Attributes:
+        first: split -> the first index this run gives (0 when absent).
+        series: split -> the count in the names (absent: this run's shard count).
+    """
+
+    first: dict = dataclasses.field(default_factory=dict)
+    series: dict = dataclasses.field(default_factory=dict)
+
+    def name(self, split: str, index: int, count: int) -> str:
+        """The name of this run's shard ``index`` (from 0) of ``count`` in ``split``."""
+        return shard_name(
+            split, self.first.get(split, 0) + index, self.series.get(split) or count
+        )
 
 
 class AssignShards(beam.PTransform):

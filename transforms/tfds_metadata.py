@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 
-from s3tfr.contract import FORMAT_VERSION, LEGACY_MANIFEST
+from s3tfr.contract import FORMAT_VERSION, LEGACY_MANIFEST, SHARD_NAME_RE
 
 __all__ = [
     "FILEPATH_TEMPLATE",
@@ -42,6 +42,10 @@ TFDS_FILES = (TFDS_INFO, TFDS_FEATURES, TFDS_LABELS)
 TFDS_NAME = "s3_tfrecords"
 # TFDS's template for the shards' names: SHARD_X_OF_Y is "NNNNN-of-NNNNN".
 FILEPATH_TEMPLATE = "{SPLIT}-{SHARD_X_OF_Y}.tfrecord"
+# After ``convert --append`` a split's names run past the count they carry, and may skip
+# numbers (shards replaced): TFDS then reads them by index in the split's series, and
+# a number without a shard has length 0, which TFDS skips without opening a file.
+SERIES_TEMPLATE = "{{SPLIT}}-{{SHARD_INDEX}}-of-{count:05d}.tfrecord"
 
 _FEATURE_CLASS = "tensorflow_datasets.core.features."
 _TEXT = {"pythonClassName": f"{_FEATURE_CLASS}text_feature.Text", "text": {}}
@@ -122,14 +126,25 @@ def _dataset_info(info: dict) -> dict:
         "version": f"{FORMAT_VERSION}.0.0",
         "fileFormat": "tfrecord",
         "splits": [
-            {
-                "name": split,
-                "numBytes": str(entry["bytes"]),
-                "shardLengths": [str(shard["examples"]) for shard in entry["shards"]],
-                "filepathTemplate": FILEPATH_TEMPLATE,
-            }
+            {"name": split, "numBytes": str(entry["bytes"]), **_shards(entry["shards"])}
             for split, entry in sorted(info["splits"].items())
         ],
+    }
+
+
+def _shards(shards: list[dict]) -> dict:
+    """A split's ``shardLengths`` and ``filepathTemplate``: one length per number of its
+    series (0 where no shard has it)."""
+    numbered = [SHARD_NAME_RE.fullmatch(shard["file"]) for shard in shards]
+    counts = {int(match["count"]) for match in numbered}
+    lengths = {int(match["index"]): shard["examples"] for match, shard in zip(numbered, shards)}
+    if counts == {len(shards)} and set(lengths) == set(range(len(shards))):
+        template = FILEPATH_TEMPLATE
+    else:
+        template = SERIES_TEMPLATE.format(count=counts.pop())
+    return {
+        "shardLengths": [str(lengths.get(i, 0)) for i in range(max(lengths) + 1)],
+        "filepathTemplate": template,
     }
 
 

@@ -25,7 +25,7 @@ from apache_beam import pvalue
 from apache_beam.transforms.window import GlobalWindows
 
 from s3tfr import s3, storage
-from s3tfr.contract import file_sha256, shard_name
+from s3tfr.contract import FILENAME_KEY, LABEL_TEXT_KEY, file_sha256, index_name
 from s3tfr.host import keep_freed_heap, usable_cpus
 from s3tfr.s3 import S3Config
 from transforms.commit import OutputRun, mark_written
@@ -33,7 +33,15 @@ from transforms.examples import ConvertSettings, TFRecordFile, convert_record
 from transforms.images import ConvertedImage
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.progress import ProgressFolder
-from transforms.references import Rejection, ShardItem
+from transforms.references import (
+    Compaction,
+    IndexRow,
+    Rejection,
+    ShardItem,
+    decode_index,
+    encode_index,
+)
+from transforms.sharding import ShardNaming
 from transforms.sources import read_source
 
 __all__ = ["WriteShards"]
@@ -109,8 +117,10 @@ class _WriteShardFn(beam.DoFn):
         config: S3Config | None,
         run: OutputRun | None,
         progress: ProgressFolder | None,
+        naming: ShardNaming | None = None,
     ) -> None:
         self._run = run
+        self._naming = naming or ShardNaming()
         self._progress = progress
         self._planned_for: object = None
         self._input = input_root
@@ -152,7 +162,7 @@ class _WriteShardFn(beam.DoFn):
             for (s, b), _count in all_groups:
                 by_split[s].append(b)
             self._names = {
-                (s, b): shard_name(s, i, len(bs))
+                (s, b): self._naming.name(s, i, len(bs))
                 for s, bs in by_split.items()
                 for i, b in enumerate(sorted(bs))
             }
@@ -174,7 +184,11 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, group, all_groups: list):
         (split, bucket), batches = group
+        batches = list(batches)
         name = self._name(split, bucket, all_groups)
+        if isinstance(batches[0], Compaction):
+            yield from self._compact(split, name, batches[0])
+            return
         task = None
         if self._progress is not None:
             if all_groups is not self._planned_for:  # the same object per bundle
@@ -182,6 +196,7 @@ class _WriteShardFn(beam.DoFn):
                 self._planned_for = all_groups
             task = self._progress.task(name)
         stats = _Stats()
+        rows: list[IndexRow] = []
         fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
         os.close(fd)
         ordered = sorted(item for batch in batches for item in batch)
@@ -194,15 +209,16 @@ class _WriteShardFn(beam.DoFn):
                 if isinstance(result, Rejection):
                     yield pvalue.TaggedOutput(REJECTED, count_rejection(result))
                     continue
-                framed, size, image = result
+                framed, size, image, digest = result
                 writer.write_framed(framed)
                 stats.add(item, image)
+                rows.append(IndexRow(item.key, size, item.stamp, digest))
                 self._bytes_read.inc(size)
         info = {"split": split, "file": name, "examples": stats.examples}
         move = None
         if stats.examples:
             info["bytes"] = os.path.getsize(tmp)
-            move = self._moves.submit(self._digest_and_move, tmp, name)
+            move = self._moves.submit(self._digest_and_move, tmp, name, encode_index(rows))
         else:
             os.remove(tmp)  # every image was rejected: the manifest renumbers the rest
         info["stats"] = {
@@ -217,16 +233,65 @@ class _WriteShardFn(beam.DoFn):
         self._pending.append((move, info))
         yield from self._moved(keep=_MAX_PENDING_MOVES)
 
+    def _compact(self, split: str, name: str, job: Compaction):
+        """Copies the committed shard ``job.file`` as ``name``, less the records of the
+        keys in ``job.drop``, record bytes unchanged; with its key index likewise."""
+        from transforms.verify import (  # reads records: TF's proto
+            iter_records,
+            parse_example,
+        )
+
+        source = storage.join(self._output, job.file)
+        index = decode_index(storage.read_bytes(storage.join(self._output, index_name(job.file)),
+                                                self._config), job.file)  # fmt: skip
+        kept_rows = [row for row in index if row.key not in job.drop]
+        kept: collections.Counter[str] = collections.Counter()
+        dropped: collections.Counter[str] = collections.Counter()
+        keys = []
+        fd, tmp = tempfile.mkstemp(suffix=".tfrecord")
+        os.close(fd)
+        with TFRecordFile(tmp, self._compression) as writer:
+            for record in iter_records(source, self._compression, self._config):
+                example = parse_example(record)
+                key = example[FILENAME_KEY].decode("utf-8", "surrogateescape")
+                label = example[LABEL_TEXT_KEY].decode("utf-8", "surrogateescape")
+                if key in job.drop:
+                    dropped[label] += 1
+                    continue
+                writer.write(record)
+                kept[label] += 1
+                keys.append(key)
+        if keys != [row.key for row in kept_rows] or sum(dropped.values()) != len(job.drop):
+            raise RuntimeError(
+                f"{job.file} and its key index disagree ({len(keys)} records kept against "
+                f"{len(kept_rows)} index rows): run a full convert to rewrite the dataset"
+            )
+        info = {"split": split, "file": name, "examples": len(keys), "replaces": job.file,
+                "dropped": sum(dropped.values()),
+                "stats": {"class_counts": dict(kept), "dropped_class_counts": dict(dropped)}}  # fmt: skip
+        move = None
+        if keys:
+            info["bytes"] = os.path.getsize(tmp)
+            move = self._moves.submit(
+                self._digest_and_move, tmp, name, encode_index(kept_rows)
+            )
+        else:
+            os.remove(tmp)
+        self._pending.append((move, info))
+        yield from self._moved(keep=_MAX_PENDING_MOVES)
+
     def finish_bundle(self):
         for info in self._moved(keep=0):
             yield GlobalWindows.windowed_value(info)
 
-    def _digest_and_move(self, path: str, name: str) -> str:
+    def _digest_and_move(self, path: str, name: str, index: bytes) -> str:
         """Moves a finished shard to the output as ``name`` (:func:`storage.put_file`),
-        marked first as this run's; returns the hex SHA-256 of its bytes."""
+        marked first as this run's, after its key index; returns the hex SHA-256 of its
+        bytes."""
         digest = file_sha256(path)
         if self._run is not None:
             mark_written(self._run, name)
+        storage.write_bytes(storage.join(self._output, index_name(name)), index, self._config)
         storage.put_file(path, storage.join(self._output, name), self._config)
         return digest
 
@@ -238,10 +303,16 @@ class _WriteShardFn(beam.DoFn):
             move, info = self._pending.popleft()
             if move is not None:
                 info["sha256"] = move.result()
-                self._converted.inc(info["examples"])
+                if "replaces" not in info:  # a copy converts nothing
+                    self._converted.inc(info["examples"])
                 self._bytes_written.inc(info["bytes"])
                 self._shards.inc()
             yield info
+
+
+def _images(lists) -> int:
+    """The images a shard group converts (a copy, ``Compaction``, converts none)."""
+    return sum(len(batch) for batch in lists if not isinstance(batch, Compaction))
 
 
 def _done(move: concurrent.futures.Future | None) -> bool:
@@ -262,9 +333,14 @@ class WriteShards(beam.PTransform):
             before it is moved in (:func:`transforms.commit.mark_written`).
         progress: where to report the planned images and, per shard, those done
             (converted or rejected), if anywhere.
+        naming: where this run's shard names start (``convert --append``).
+
+    A group whose value is one ``Compaction`` copies a committed shard less some
+    records instead (``convert --append``); its info names the shard it ``replaces``.
 
     Returns:
-        A dict: ``"shards"`` (info dicts: split, file, examples, bytes, sha256, stats) and
+        A dict: ``"shards"`` (info dicts: split, file, examples, bytes, sha256, stats;
+        a copy's also ``replaces`` and ``dropped``) and
         ``"rejected"`` (``Rejection`` for images that could not be fetched or decoded).
     """
 
@@ -278,11 +354,12 @@ class WriteShards(beam.PTransform):
         config: S3Config | None = None,
         run: OutputRun | None = None,
         progress: ProgressFolder | None = None,
+        naming: ShardNaming | None = None,
     ) -> None:
         super().__init__()
         self._fn = _WriteShardFn(
             input_root, output_root, settings, compression, max_concurrent_gets, config, run,
-            progress,
+            progress, naming,
         )  # fmt: skip
 
     def expand(self, groups):
@@ -290,7 +367,7 @@ class WriteShards(beam.PTransform):
         # without gaps, and their sizes, the planned total for progress.
         sizes = (
             groups
-            | "GroupSizes" >> beam.MapTuple(lambda key, lists: (key, sum(map(len, lists))))
+            | "GroupSizes" >> beam.MapTuple(lambda key, lists: (key, _images(lists)))
             | "AllGroupSizes" >> beam.combiners.ToList()
         )
         written = groups | "ConvertAndWrite" >> beam.ParDo(
