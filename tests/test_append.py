@@ -1,0 +1,363 @@
+"""``convert --append``: only new and changed sources are converted, committed shards are
+never rewritten, and the result holds exactly what a full conversion of the same input
+holds, in the same splits.
+
+Every check compares the appended dataset with a full conversion of the same tree into
+another prefix, record by record (key, split, source SHA-256, label), and reads it back
+through the reader, ``inspect --verify`` and TensorFlow Datasets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beam_jobs import convert, inspect
+from beam_jobs.common import UserError
+from devtools.local_s3 import put_tree
+from devtools.sample_data import write_sample_tree
+from s3tfr import storage
+from s3tfr.contract import INDEX_DIR, index_name
+from tfdata_reader import load_info, make_dataset
+from transforms.verify import iter_records, parse_example
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ("ant", "bee", "wasp")
+# Small shards, so that a few images spread over many of them and a change touches few.
+SHARDING = ["--validation_fraction", "0.3", "--shard_size_mb", "0.004", "--min_shards", "6"]
+
+
+def _convert(src: str, out: str, *extra: str) -> dict:
+    convert.run(["--input", src, "--output", out, *SHARDING, *extra])
+    return load_info(out)
+
+
+def _records(out: str) -> dict[str, tuple[str, str, str]]:
+    """key -> (split, source SHA-256, class) of every record the manifest lists."""
+    info = load_info(out)
+    records = {}
+    for split, entry in info["splits"].items():
+        for shard in entry["shards"]:
+            for raw in iter_records(storage.join(out, shard["file"]), info["compression"]):
+                example = parse_example(raw)
+                key = example["image/filename"].decode()
+                assert key not in records, f"{key} held twice"
+                records[key] = (split, example["image/source_sha256"],
+                                example["image/class/text"].decode())  # fmt: skip
+    return records
+
+
+def _shard_files(out: str) -> dict[str, tuple[str, int]]:
+    """Shard file -> (SHA-256 of its bytes, modification time in ns), local output."""
+    found = {}
+    for name in os.listdir(out):
+        if name.endswith(".tfrecord"):
+            path = os.path.join(out, name)
+            with open(path, "rb") as f:
+                found[name] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return found
+
+
+def _verified(out: str) -> None:
+    result = inspect.run([out, "--verify"])
+    assert not inspect.verify_failed(result)
+
+
+def _read_count(out: str, split: str) -> int:
+    ds = make_dataset(out, split=split, batch_size=7, image_size=(16, 16), training=False)
+    return sum(int(images.shape[0]) for images, _labels in ds)
+
+
+def _photo(path: str, seed: int, size=(48, 40)) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def _same_size_other_photo(path: str) -> None:
+    """Rewrites the JPEG at ``path`` as another photo of exactly the same byte size
+    (zeros after the end-of-image marker make up the difference)."""
+    size = os.path.getsize(path)
+    for quality in range(90, 5, -5):
+        buffer = io.BytesIO()
+        pixels = np.random.default_rng(quality).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
+        if buffer.tell() <= size:
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue() + b"\0" * (size - buffer.tell()))
+            return
+    raise AssertionError("no JPEG small enough")
+
+
+@pytest.fixture
+def tree(tmp_path) -> str:
+    src = str(tmp_path / "src")
+    write_sample_tree(src, classes=CLASSES, per_class=14, corrupt=True)
+    return src
+
+
+def _full(src: str, tmp_path, *extra: str) -> dict[str, tuple[str, str, str]]:
+    """The records of a full conversion of ``src`` (into a fresh prefix)."""
+    out = str(tmp_path / f"full{len(os.listdir(tmp_path))}")
+    _convert(src, out, *extra)
+    return _records(out)
+
+
+def test_append_converts_only_new_images_and_leaves_shards_untouched(tree, tmp_path):
+    out = str(tmp_path / "out")
+    before = _convert(tree, out)
+    shards = _shard_files(out)
+    for i in range(6):
+        _photo(os.path.join(tree, CLASSES[i % 3], f"new-{i}.jpg"), seed=100 + i)
+
+    info = _convert(tree, out, "--append")
+
+    after = _shard_files(out)
+    assert {name: after[name] for name in shards} == shards  # same bytes, same mtimes
+    added = set(after) - set(shards)
+    assert added and all(name in {s["file"] for e in info["splits"].values()
+                                  for s in e["shards"]} for name in added)  # fmt: skip
+    assert info["counts"]["converted"] == before["counts"]["converted"] + 6
+    assert info["counts"]["listed"] == info["counts"]["converted"] + info["counts"]["rejected"]
+    assert info["appends"][-1]["added"] == 6 and info["appends"][-1]["dropped"] == 0
+    # Exactly what a full conversion holds, each image in the same split.
+    assert _records(out) == _full(tree, tmp_path)
+    for split, entry in info["splits"].items():
+        assert _read_count(out, split) == entry["examples"]
+    _verified(out)
+
+
+def test_append_after_changed_and_deleted_sources(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    old = _records(out)
+    shards = _shard_files(out)
+    holder = {}  # key -> its shard, from the key index
+    for name in shards:
+        data = gzip.decompress(storage.read_bytes(os.path.join(out, index_name(name))))
+        for line in data.decode().splitlines():
+            holder[json.loads(line)["key"]] = name
+    keys = sorted(old)
+    deleted, resized, rewritten, touched = keys[0], keys[5], keys[9], keys[12]
+    os.remove(os.path.join(tree, deleted))
+    _photo(os.path.join(tree, resized), seed=7, size=(60, 30))  # another size
+    _same_size_other_photo(os.path.join(tree, rewritten))
+    same = open(os.path.join(tree, touched), "rb").read()  # the same bytes written
+    with open(os.path.join(tree, touched), "wb") as f:  # again: held, not reconverted
+        f.write(same)
+
+    info = _convert(tree, out, "--append")
+
+    after = _shard_files(out)
+    replaced = set(info["appends"][-1]["replaced_shards"])
+    assert replaced == {holder[deleted], holder[resized], holder[rewritten]}
+    assert {n: after[n] for n in set(shards) - replaced} == {
+        n: shards[n] for n in set(shards) - replaced
+    }
+    for name in replaced:
+        assert name not in after and not os.path.exists(os.path.join(out, index_name(name)))
+    records = _records(out)
+    assert deleted not in records
+    assert records == _full(tree, tmp_path)
+    assert records[touched] == old[touched]
+    assert info["counts"]["listed"] == info["counts"]["converted"] + info["counts"]["rejected"]
+    for split, entry in info["splits"].items():
+        assert _read_count(out, split) == entry["examples"]
+        assert sum(entry["class_counts"].values()) == entry["examples"]
+    _verified(out)
+
+
+def test_append_twice_in_a_row_and_with_nothing_new(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    _photo(os.path.join(tree, "ant", "first.jpg"), seed=1)
+    _convert(tree, out, "--append")
+    _photo(os.path.join(tree, "bee", "second.jpg"), seed=2)
+    os.remove(os.path.join(tree, "ant", "first.jpg"))
+    info = _convert(tree, out, "--append")
+    assert len(info["appends"]) == 2
+    assert _records(out) == _full(tree, tmp_path)
+    shards = _shard_files(out)
+    manifest = storage.read_bytes(os.path.join(out, "s3tfr_manifest.json"))
+
+    again = _convert(tree, out, "--append")  # nothing changed: nothing written
+
+    assert _shard_files(out) == shards
+    assert again["splits"] == load_info(out)["splits"] == info["splits"]
+    assert again["appends"][-1] == {**again["appends"][-1], "added": 0, "dropped": 0}
+    assert len(storage.read_bytes(os.path.join(out, "s3tfr_manifest.json"))) > len(manifest) - 1
+    _verified(out)
+
+
+def test_a_plain_rerun_after_appends_is_a_full_conversion(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    _photo(os.path.join(tree, "wasp", "late.jpg"), seed=3)
+    _convert(tree, out, "--append")
+    info = _convert(tree, out)
+    reference = str(tmp_path / "reference")
+    _convert(tree, reference)
+    assert _shard_files(out).keys() == _shard_files(reference).keys()
+    assert {n: v[0] for n, v in _shard_files(out).items()} == {
+        n: v[0] for n, v in _shard_files(reference).items()
+    }
+    assert "appends" not in info
+    assert sorted(os.listdir(os.path.join(out, INDEX_DIR))) == sorted(
+        os.listdir(os.path.join(reference, INDEX_DIR))
+    )
+
+
+def test_append_to_nothing_converts_everything(tree, tmp_path):
+    out = str(tmp_path / "out")
+    info = _convert(tree, out, "--append")
+    assert "appends" not in info
+    assert _records(out) == _full(tree, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--resize", "crop:32x32"], "--resize"),
+        (["--dedupe", "near"], "--dedupe near"),
+        (["--num_shards", "3"], "--num_shards"),
+    ],
+)
+def test_append_refuses_what_it_cannot_keep_consistent(tree, tmp_path, extra, message):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    with pytest.raises(UserError, match=message):
+        _convert(tree, out, "--append", *extra)
+
+
+def test_append_refuses_a_new_class(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    os.makedirs(os.path.join(tree, "aphid"))
+    _photo(os.path.join(tree, "aphid", "a.jpg"), seed=4)
+    with pytest.raises(UserError, match=r"new: \['aphid'\]"):
+        _convert(tree, out, "--append")
+    # With the dataset's labels fixed, the new class's images are rejected instead.
+    info = _convert(tree, out, "--append", "--labels_file", os.path.join(out, "labels.txt"))
+    assert info["counts"]["rejected_by_code"].get("unknown_class") == 1
+
+
+def test_append_with_dedupe_exact_rejects_twins_of_held_images(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out, "--dedupe", "exact")
+    held = sorted(_records(out))[3]
+    shutil.copy(os.path.join(tree, held), os.path.join(tree, "ant", "0-copy.jpg"))
+    _photo(os.path.join(tree, "bee", "fresh.jpg"), seed=5)
+    info = _convert(tree, out, "--append", "--dedupe", "exact")
+    records = _records(out)
+    assert "ant/0-copy.jpg" not in records and "bee/fresh.jpg" in records
+    lines = storage.read_bytes(os.path.join(out, "rejected.jsonl")).decode()
+    assert f'"key": "ant/0-copy.jpg"' in lines and held in lines
+    assert info["counts"]["listed"] == info["counts"]["converted"] + info["counts"]["rejected"]
+
+
+def test_append_keeps_content_splits(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out, "--split_by", "content")
+    first = sorted(_records(out))[2]
+    shutil.copy(os.path.join(tree, first), os.path.join(tree, "ant", "zz-twin.jpg"))
+    _convert(tree, out, "--append", "--split_by", "content")
+    records = _records(out)
+    assert records["ant/zz-twin.jpg"][0] == records[first][0]
+    assert records == _full(tree, tmp_path, "--split_by", "content")
+
+
+def _spawn(args: list[str], log_path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "beam_jobs.convert", *args],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def test_two_concurrent_appends_one_commits_the_other_stops(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    for i in range(4):
+        _photo(os.path.join(tree, "bee", f"late-{i}.jpg"), seed=200 + i)
+    procs = []
+    for n in range(2):
+        log = tmp_path / f"append{n}.log"
+        procs.append((_spawn(["--input", tree, "--output", out, *SHARDING, "--append"], log),
+                      log))  # fmt: skip
+    codes = []
+    for proc, log in procs:
+        code = proc.wait(timeout=300)
+        text = log.read_text(errors="replace")
+        assert code in (0, 2), text[-3000:]
+        if code == 2:
+            assert "another convert run is writing" in text and "Traceback" not in text
+        codes.append(code)
+    assert 0 in codes
+    # Whichever order they ran in, the dataset holds every image once.
+    assert _records(out) == _full(tree, tmp_path)
+    _verified(out)
+
+
+def test_append_on_s3(tree, s3_bucket, tmp_path):
+    put_tree(tree, s3_bucket, "images/")
+    src, out = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/out/"
+    before = _convert(src, out)
+    etags = {
+        s["file"]: storage.read_bytes(storage.join(out, s["file"]))
+        for e in before["splits"].values() for s in e["shards"]
+    }  # fmt: skip
+    local = str(tmp_path / "new")
+    os.makedirs(os.path.join(local, "wasp"))
+    _photo(os.path.join(local, "wasp", "s3-new.jpg"), seed=9)
+    put_tree(local, s3_bucket, "images/")
+    gone = sorted(_records(out))[0]
+    storage.delete(storage.join(src, gone))
+
+    info = _convert(src, out, "--append")
+
+    records = _records(out)
+    assert "wasp/s3-new.jpg" in records and gone not in records
+    replaced = set(info["appends"][-1]["replaced_shards"])
+    assert len(replaced) == 1
+    for name, data in etags.items():
+        if name not in replaced:
+            assert storage.read_bytes(storage.join(out, name)) == data
+    assert info["counts"]["converted"] == before["counts"]["converted"]
+    mirror = str(tmp_path / "mirror")
+    os.makedirs(mirror)
+    for rel, _size in storage.walk(src):
+        path = os.path.join(mirror, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(storage.read_bytes(storage.join(src, rel)))
+    assert records == _full(mirror, tmp_path)
+    _verified(out)
+
+
+def test_tfds_reads_old_and_new_shards_after_an_append(tree, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    for i in range(3):
+        _photo(os.path.join(tree, "ant", f"tfds-{i}.jpg"), seed=300 + i)
+    os.remove(os.path.join(tree, sorted(_records(out))[1]))
+    info = _convert(tree, out, "--append")
+    builder = tfds.builder_from_directory(out)
+    for split, entry in info["splits"].items():
+        names = {
+            example["image"]["filename"].decode()
+            for example in tfds.as_numpy(builder.as_dataset(split=split))
+        }
+        expected = {k for k, v in _records(out).items() if v[0] == split}
+        assert names == expected and len(expected) == entry["examples"]
+        assert builder.info.splits[split].num_examples == entry["examples"]
