@@ -151,9 +151,10 @@ def test_append_after_changed_and_deleted_sources(tree, tmp_path):
     os.remove(os.path.join(tree, deleted))
     _photo(os.path.join(tree, resized), seed=7, size=(60, 30))  # another size
     _same_size_other_photo(os.path.join(tree, rewritten))
-    same = open(os.path.join(tree, touched), "rb").read()  # the same bytes written
-    with open(os.path.join(tree, touched), "wb") as f:  # again: held, not reconverted
-        f.write(same)
+    with open(os.path.join(tree, touched), "rb") as f:
+        same = f.read()
+    with open(os.path.join(tree, touched), "wb") as f:  # the same bytes written again:
+        f.write(same)  # held, not reconverted
 
     info = _convert(tree, out, "--append")
 
@@ -260,7 +261,7 @@ def test_append_with_dedupe_exact_rejects_twins_of_held_images(tree, tmp_path):
     records = _records(out)
     assert "ant/0-copy.jpg" not in records and "bee/fresh.jpg" in records
     lines = storage.read_bytes(os.path.join(out, "rejected.jsonl")).decode()
-    assert f'"key": "ant/0-copy.jpg"' in lines and held in lines
+    assert '"key": "ant/0-copy.jpg"' in lines and held in lines
     assert info["counts"]["listed"] == info["counts"]["converted"] + info["counts"]["rejected"]
 
 
@@ -320,7 +321,7 @@ def test_append_on_s3(tree, s3_bucket, tmp_path):
     os.makedirs(os.path.join(local, "wasp"))
     _photo(os.path.join(local, "wasp", "s3-new.jpg"), seed=9)
     put_tree(local, s3_bucket, "images/")
-    gone = sorted(_records(out))[0]
+    gone = min(_records(out))
     storage.delete(storage.join(src, gone))
 
     info = _convert(src, out, "--append")

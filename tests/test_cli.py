@@ -53,12 +53,12 @@ def test_help_beam_lists_beam_options():
 def test_a_misspelt_option_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     done = _cli("beam_jobs.convert", "--input", str(tmp_path), "--output", str(out),
-                "--valdation_fraction", "0.3", "--append")  # fmt: skip
+                "--valdation_fraction", "0.3", "--apend")  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         (
             "convert: error: unknown option --valdation_fraction (did you mean "
-            "--validation_fraction?); unknown option --append; see --help"
+            "--validation_fraction?); unknown option --apend (did you mean --append?); see --help"
         )
     ]
     assert not out.exists()

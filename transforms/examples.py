@@ -37,6 +37,7 @@ __all__ = [
     "convert_record",
     "encode_example",
     "example_bytes",
+    "example_strings",
     "frame_record",
 ]
 
@@ -108,6 +109,68 @@ def encode_example(features: dict[str, bytes | int]) -> bytes:
 def _map_key(key: str) -> bytes:
     """The encoded key field of a feature map entry: the same for every record."""
     return _field(1, key.encode())
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
+
+
+def _fields(data: bytes):
+    """(field number, payload) of each length-delimited field of a protobuf message;
+    varint and fixed-width fields are skipped."""
+    at = 0
+    while at < len(data):
+        tag, at = _read_varint(data, at)
+        wire = tag & 7
+        if wire == 0:
+            _, at = _read_varint(data, at)
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+        elif wire == 2:
+            length, at = _read_varint(data, at)
+            if at + length > len(data):
+                raise ValueError("truncated field")
+            yield tag >> 3, data[at : at + length]
+            at += length
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def example_strings(record: bytes, keys: tuple[str, ...]) -> dict[str, bytes]:
+    """The first bytes value of each of ``keys`` in a serialized ``tf.train.Example``
+    (those it has), read without TensorFlow: the inverse of :func:`encode_example` for
+    bytes features.
+
+    Raises:
+        ValueError: the record is not a well-formed protobuf message.
+    """
+    found = {}
+    for number, features in _fields(record):
+        if number != 1:  # Example.features
+            continue
+        for entry_number, entry in _fields(features):  # Features.feature map entries
+            if entry_number != 1:
+                continue
+            key, value = "", b""
+            for part, payload in _fields(entry):
+                if part == 1:
+                    key = payload.decode("utf-8", "surrogateescape")
+                elif part == 2:
+                    value = payload
+            if key in keys:
+                for kind, values in _fields(value):  # Feature.bytes_list
+                    if kind == 1:
+                        found[key] = next((v for n, v in _fields(values) if n == 1), b"")
+    return found
 
 
 def example_bytes(

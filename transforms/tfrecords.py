@@ -29,7 +29,12 @@ from s3tfr.contract import FILENAME_KEY, LABEL_TEXT_KEY, file_sha256, index_name
 from s3tfr.host import keep_freed_heap, usable_cpus
 from s3tfr.s3 import S3Config
 from transforms.commit import OutputRun, mark_written
-from transforms.examples import ConvertSettings, TFRecordFile, convert_record
+from transforms.examples import (
+    ConvertSettings,
+    TFRecordFile,
+    convert_record,
+    example_strings,
+)
 from transforms.images import ConvertedImage
 from transforms.listing import METRICS_NAMESPACE, REJECTED, count_rejection
 from transforms.progress import ProgressFolder
@@ -238,7 +243,6 @@ class _WriteShardFn(beam.DoFn):
         keys in ``job.drop``, record bytes unchanged; with its key index likewise."""
         from transforms.verify import (  # reads records: TF's proto
             iter_records,
-            parse_example,
         )
 
         source = storage.join(self._output, job.file)
@@ -252,9 +256,9 @@ class _WriteShardFn(beam.DoFn):
         os.close(fd)
         with TFRecordFile(tmp, self._compression) as writer:
             for record in iter_records(source, self._compression, self._config):
-                example = parse_example(record)
-                key = example[FILENAME_KEY].decode("utf-8", "surrogateescape")
-                label = example[LABEL_TEXT_KEY].decode("utf-8", "surrogateescape")
+                fields = example_strings(record, (FILENAME_KEY, LABEL_TEXT_KEY))
+                key = fields.get(FILENAME_KEY, b"").decode("utf-8", "surrogateescape")
+                label = fields.get(LABEL_TEXT_KEY, b"").decode("utf-8", "surrogateescape")
                 if key in job.drop:
                     dropped[label] += 1
                     continue
