@@ -461,12 +461,19 @@ def _convert(
     ``base``, an append to that committed dataset (:mod:`transforms.append`)."""
     config = output_run.config
     progress.LOGGER.info("convert: listing %s …", opts.input)
+    hashing = opts.split_by == "content" or opts.dedupe != "none"
     with (
         progress.watch(
             "convert", ProgressFolder(output_run.progress, config), "images"
         ) as reported,
+        # The hashing pass, as lines (a terminal draws one bar: the conversion's); an
+        # append hashes only what it converts, too few to count.
+        progress.watch(
+            "hash", ProgressFolder(f"{output_run.progress}-hash", config) if hashing
+            and base is None else None, "sources", lines=True,
+        ) as hash_reported,
         beam.Pipeline(runner=local_runner(options), options=options) as p,
-    ):
+    ):  # fmt: skip
         listed = p | "ListImages" >> ListImages(opts.input, config, opts.split_from_dirs)
         if fixed_labels:
             labels = p | "FixedLabels" >> beam.Create([fixed_labels])
@@ -495,11 +502,11 @@ def _convert(
                 reconciled["fresh"], reconciled["count"], reconciled["compactions"]
             )
             content_rejected.append(reconciled["rejected"])
-        if sharding.split_by == "content" or opts.dedupe != "none":
+        if hashing:
             progress.LOGGER.info("convert: reading every source once to hash its content …")
             hashed = refs | "HashSources" >> HashSources(
                 opts.input, opts.max_concurrent_gets, config,
-                settings if opts.dedupe == "near" else None,
+                settings if opts.dedupe == "near" else None, hash_reported, listed_count,
             )  # fmt: skip
             refs = hashed["refs"]
             content_rejected.append(hashed["rejected"])
@@ -556,6 +563,13 @@ def print_summary(output: str, result, config: S3Config | None = None) -> None:
         f"  listed {counts['listed']}, converted {counts['converted']}, "
         f"rejected {counts['rejected']} (see rejected.jsonl)"
     )
+    if info.get("appends"):
+        last = info["appends"][-1]
+        print(
+            f"  this append: {last['added']} records added, {last['dropped']} dropped "
+            f"(changed or deleted sources; {len(last['replaced_shards'])} shards copied "
+            f"without them); {len(info['appends'])} appends since the last full conversion"
+        )
     rejected = storage.read_bytes(storage.join(output, REJECTED_FILE), config)
     for line in rejected.decode().splitlines()[:10]:
         r = json.loads(line)

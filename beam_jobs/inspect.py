@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import json
 import sys
+import tempfile
+import uuid
 
 import apache_beam as beam
 import botocore.exceptions
@@ -163,17 +165,21 @@ def summary(root: str, info: dict, rejected: list[dict], top: int = DEFAULT_TOP_
     return "\n".join(lines)
 
 
-def _verdict(_, checks, info: dict, exact, near_pairs) -> dict:
-    """Prints one line per shard, the split checks and the duplicates found; returns the
-    totals. Duplicates do not fail the verdict: the dataset is what the manifest says."""
+def _verdict(_, checks, info: dict, exact, near_pairs, found_at=None, config=None) -> dict:
+    """Prints one line per shard, the split checks and the duplicates found (and writes
+    them to ``found_at``, for the HTML report); returns the totals. Duplicates do not
+    fail the verdict: the dataset is what the manifest says."""
     checks = sorted(checks, key=lambda c: c.file)
     for check in checks:
         print(check.line())
     split_problems = check_splits(info, checks)
     for text in split_problems:
         print(f"FAIL {text}")
-    for line in DuplicateReport.build(exact, near_pairs).lines():
+    duplicates = DuplicateReport.build(exact, near_pairs)
+    for line in duplicates.lines():
         print(line)
+    if found_at:
+        storage.write_bytes(found_at, duplicates.to_json(), config)
     passed = sum(c.ok for c in checks)
     failed = passed != len(shard_tasks(info)) or bool(split_problems)
     # The driver's exit status comes from these: on a cluster this step runs on a worker.
@@ -211,13 +217,8 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult | N
     if stray:
         print(f"  note: {len(stray)} shard files not in the manifest (readers ignore them): "
               + ", ".join(stray[:5]) + (" …" if len(stray) > 5 else ""))  # fmt: skip
-    if opts.report:
-        from transforms.report import write_report
-
-        path = write_report(
-            opts.dataset, info, rejected, opts.report, opts.samples_per_class, config
-        )
-        print(f"report: {path}", flush=True)
+    if opts.report and not opts.verify:
+        _write_report(opts, info, rejected, config)
     if not opts.verify:
         return None
     tasks = shard_tasks(info)
@@ -227,6 +228,12 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult | N
         import tensorflow  # noqa: F401 - the shards' records are parsed with it
 
     temp_location = options.view_as(GoogleCloudOptions).temp_location
+    # Where the verdict leaves the duplicate report for the HTML report: a place the
+    # workers reach (--temp_location), or this machine's (a local runner's workers).
+    found_at = None
+    if opts.report:
+        scratch = temp_location or tempfile.gettempdir()
+        found_at = storage.join(scratch, f"s3tfr-duplicates-{uuid.uuid4().hex[:16]}.json")
     with (
         progress.temporary_folder(temp_location, config) as folder,
         progress.watch("verify", folder, "records", records) as folder,
@@ -244,9 +251,25 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult | N
                 info,
                 pvalue.AsSingleton(duplicates["exact"]),
                 pvalue.AsSingleton(duplicates["near"]),
+                found_at,
+                config,
             )
         )
+    if found_at:
+        try:
+            report = DuplicateReport.from_json(storage.read_bytes(found_at, config))
+        finally:
+            storage.delete(found_at, config)
+        _write_report(opts, info, rejected, config, report)
     return p.result
+
+
+def _write_report(opts, info: dict, rejected: list[dict], config, duplicates=None) -> None:
+    from transforms.report import write_report
+
+    path = write_report(opts.dataset, info, rejected, opts.report, opts.samples_per_class,
+                        config, duplicates)  # fmt: skip
+    print(f"report: {path}", flush=True)
 
 
 def verify_failed(result) -> bool:

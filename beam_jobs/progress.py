@@ -193,9 +193,11 @@ def watch(
     unit: str,
     total: int | None = None,
     total_bytes: int | None = None,
+    lines: bool = False,
 ) -> Iterator[ProgressFolder | None]:
     """Shows the progress of the work run in the block, as its workers report it to
-    ``folder``, and removes their markers at the end.
+    ``folder``, and removes their markers at the end. ``lines``: as log lines even on a
+    terminal (a second watch inside another one: a terminal draws one live bar).
 
     Yields:
         ``folder``, for the workers; ``None`` when nobody would see the progress (the
@@ -204,7 +206,8 @@ def watch(
     if folder is None or not LOGGER.isEnabledFor(logging.INFO):
         yield None
         return
-    bar = Bar(job, unit, total, total_bytes, console=_terminal.get("console"))
+    console = None if lines else _terminal.get("console")
+    bar = Bar(job, unit, total, total_bytes, console=console)
     stop = threading.Event()
     poller = threading.Thread(
         target=_poll, args=(folder, bar, stop), name="s3tfr-progress", daemon=True

@@ -21,7 +21,7 @@ from beam_jobs.common import UserError, counters
 from devtools.local_s3 import put_tree
 from devtools.sample_data import encode, photo_like, write_sample_tree
 from s3tfr import storage
-from s3tfr.contract import MANIFEST
+from s3tfr.contract import INDEX_DIR, MANIFEST, index_name
 from transforms.commit import Lease, mark_written
 from transforms.examples import ConvertSettings
 from transforms.listing import ListImages
@@ -86,11 +86,13 @@ def test_list_images_emits_refs_and_rejections(tmp_path):
     # Non-images are only found out at decode; listing rejects what it can see.
     keys = _odd_tree(tmp_path) + ["cat/notes.jpg", "dog/broken.jpg"]
     sizes = {k: os.path.getsize(tmp_path / k) for k in keys}
+    # The listing's stamp: the modification time (ns), which changes when a file is rewritten.
+    stamps = {k: str(os.stat(tmp_path / k).st_mtime_ns) for k in keys}
     with test_pipeline.TestPipeline() as p:
         listed = p | ListImages(str(tmp_path))
         assert_that(
             listed["refs"] | beam.FlatMap(lambda refs: refs),
-            equal_to([ImageRef(k, sizes[k], k.split("/")[0], "") for k in keys]),
+            equal_to([ImageRef(k, sizes[k], k.split("/")[0], "", stamp=stamps[k]) for k in keys]),
             label="Refs",
         )
         assert_that(
@@ -160,7 +162,11 @@ def test_write_shards_emits_every_shard_once_as_its_move_ends(tmp_path):
         ]
         infos = written["shards"] | beam.Map(lambda info: (info["file"], info["examples"]))
         assert_that(infos, equal_to(expected))
-    assert sorted(os.listdir(out)) == [f"train-{i:05d}-of-00005.tfrecord" for i in range(5)]
+    shards = [f"train-{i:05d}-of-00005.tfrecord" for i in range(5)]
+    assert sorted(os.listdir(out)) == [INDEX_DIR, *shards]
+    assert sorted(os.listdir(os.path.join(out, INDEX_DIR))) == [
+        index_name(shard).split("/")[1] for shard in shards
+    ]
 
 
 def test_write_shards_fails_when_a_shard_cannot_be_moved(tmp_path):
@@ -222,16 +228,22 @@ def test_commit_renumbers_around_an_empty_shard_and_removes_only_owned(tmp_path)
     rejected = [Rejection("a/x.jpg", "decode", "truncated", "cut")]
     with Lease(str(tmp_path)) as run:
         for shard in shards:
-            if shard["examples"]:  # as the shard writer moves them in
+            if shard["examples"]:  # as the shard writer moves them in, after its index
                 mark_written(run, shard["file"])
+                (tmp_path / INDEX_DIR).mkdir(exist_ok=True)
+                (tmp_path / index_name(shard["file"])).write_bytes(shard["file"].encode())
                 (tmp_path / shard["file"]).write_bytes(b"abc")
         info = commit_dataset(run, shards, rejected, ["a"], 4, {})
     assert sorted(os.listdir(tmp_path)) == [
         "dataset_info.json", "features.json", "image-class-label.labels.txt",
-        "labels.txt", "notes.txt", "rejected.jsonl", MANIFEST,
+        "labels.txt", "notes.txt", "rejected.jsonl", INDEX_DIR, MANIFEST,
         "test-00000-of-00001.tfrecord",
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
     ]  # fmt: skip
+    # Each key index was renamed with its shard.
+    assert (tmp_path / index_name("train-00001-of-00002.tfrecord")).read_bytes() == (
+        b"train-00002-of-00003.tfrecord"
+    )
     assert [s["file"] for s in info["splits"]["train"]["shards"]] == [
         "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]  # fmt: skip
     assert info["counts"] == {"listed": 4, "converted": 3, "rejected": 1,
@@ -335,9 +347,10 @@ def test_golden_determinism_in_memory_vs_multi_processing(tmp_path):
     two_processes = ["--output", str(tmp_path / "b"), "--direct_running_mode",
                      "multi_processing", "--direct_num_workers", "2"]  # fmt: skip
     convert.run(args + two_processes)
-    files = sorted(os.listdir(tmp_path / "a"))
-    assert files == sorted(os.listdir(tmp_path / "b"))
+    files = sorted(rel for rel, _size in storage.walk(str(tmp_path / "a")))
+    assert files == sorted(rel for rel, _size in storage.walk(str(tmp_path / "b")))
     assert "train-00002-of-00003.tfrecord" in files
+    assert index_name("train-00002-of-00003.tfrecord") in files
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 

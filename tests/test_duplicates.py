@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -196,7 +197,8 @@ def test_inspect_verify_reports_exact_and_near_duplicates_straddling_first(tmp_p
     straddling = sum(len({split_of[k] for k in keys}) > 1 for keys in exact)
     across = sum(len({k.split("/")[0] for k in keys}) > 1 for keys in exact)
 
-    code, output = _inspect([str(out), "--verify"], capsys)
+    report = tmp_path / "report"
+    code, output = _inspect([str(out), "--verify", "--report", str(report)], capsys)
     assert code == 0, output
     lines = output.splitlines()
     summary = next(line for line in lines if line.startswith("exact duplicates"))
@@ -214,7 +216,20 @@ def test_inspect_verify_reports_exact_and_near_duplicates_straddling_first(tmp_p
     near_lines = lines[lines.index(near_summary) + 1 :]
     for original, copy in near.items():
         assert any(original in line and copy in line for line in near_lines), (original, copy)
-
+    # The HTML report has the same groups, those straddling splits first.
+    page = (report / "index.html").read_text()
+    section = page[page.index("<h2 id=duplicates>") : page.index("<h2 id=sizes>")]
+    assert (
+        f"<td>exact (same source bytes)</td><td class=n>{len(exact)}</td>"
+        f"<td class=n>{sum(map(len, exact))}</td><td class=n>{straddling}</td>"
+    ) in section
+    rows = re.findall(r"<tr><td>(exact|near)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", section)
+    assert sum(kind == "exact" for kind, _, _ in rows) == len(exact)
+    assert sum(kind == "near" for kind, _, _ in rows) >= len(near)
+    first = ["splits" in across for _kind, across, _members in rows]
+    assert first == sorted(first, reverse=True) and sum(first) >= straddling
+    for original, copy in near.items():
+        assert any(original in m and copy in m for _k, _a, m in rows), (original, copy)
 
 
 def _near_tree(root, pairs: int = 24) -> dict[str, str]:

@@ -188,6 +188,10 @@ def runs(s3_server, tmp_path_factory):
     # hold them all (urllib3 warns "Connection pool is full" otherwise).
     done["convert"] = _job("beam_jobs.convert", "--input", images, "--output", dataset,
                            "--num_shards=4", "--direct_num_workers=4")  # fmt: skip
+    # Its hashing pass reports as lines of its own beside the conversion's.
+    done["hash"] = _job("beam_jobs.convert", "--input", images, "--output",
+                        f"s3://{bucket}/by-content/", "--split_by", "content",
+                        "--num_shards=4")  # fmt: skip
     done["verify"] = _job("beam_jobs.inspect", dataset, "--verify")
     done["analyze"] = _job("beam_jobs.analyze", "--dataset", dataset)
     done["work"] = work
@@ -199,6 +203,7 @@ def runs(s3_server, tmp_path_factory):
     [
         ("upload", "upload", "files", IMAGES + 1),
         ("convert", "convert", "images", IMAGES + 1),
+        ("hash", "hash", "sources", IMAGES + 1),
         ("verify", "verify", "records", IMAGES),
         ("analyze", "analyze", "images", None),
     ],

@@ -91,7 +91,7 @@ def _validate(analysis: Any, uri: str, info: dict) -> dict:
     ):
         raise DatasetError(
             f"{ANALYSIS_FILE} under {uri} was computed from other shards than the dataset "
-            f"holds now (it was reconverted); rerun the analyze job "
+            f"holds now (it was reconverted or appended to); rerun the analyze job "
             f"(python -m beam_jobs.analyze --dataset {uri})"
         )
     return analysis

@@ -45,12 +45,14 @@ class _HashFn(beam.DoFn):
     """[ImageRef] -> [ImageRef] with ``sha256`` set; a Rejection per unreadable source."""
 
     def __init__(
-        self, input_root: str, max_concurrent_gets: int, config, perceptual
+        self, input_root: str, max_concurrent_gets: int, config, perceptual, progress
     ) -> None:
         self._input = input_root
         self._gets = max_concurrent_gets
         self._config = config
         self._perceptual = perceptual
+        self._progress = progress
+        self._planned_for: object = None
         self._hashed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "hashed")
 
     def setup(self) -> None:
@@ -70,13 +72,25 @@ class _HashFn(beam.DoFn):
             ref = ref._replace(phash=converted_hash(data, self._perceptual))
         return ref
 
-    def process(self, refs: list[ImageRef]):
+    def process(self, refs: list[ImageRef], listed: int | None = None):
+        task = None
+        if self._progress is not None:
+            if self._planned_for is None:
+                self._progress.set_total(listed or 0)
+                self._planned_for = listed
+            # Keys are unique: the first names this list's task.
+            task = self._progress.task(hashlib.sha1(refs[0].key.encode(
+                "utf-8", "surrogateescape")).hexdigest())  # fmt: skip
         hashed = []
         for result in self._pool.map(self._hash, refs):
+            if task:
+                task.add(1)
             if isinstance(result, Rejection):
                 yield pvalue.TaggedOutput(REJECTED, count_rejection(result))
             else:
                 hashed.append(result)
+        if task:
+            task.finish()
         self._hashed.inc(len(hashed))
         if hashed:
             yield hashed
@@ -89,6 +103,9 @@ class HashSources(beam.PTransform):
     conversion's work) and hashed as ``inspect --verify`` hashes records, so both judge
     the same pixels the same way.
 
+    ``progress`` (a ``ProgressFolder``) with ``listed`` (a one-element PCollection: the
+    objects listed, the planned total) reports the sources hashed.
+
     Returns:
         A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (sources gone or
         unreadable since they were listed).
@@ -100,12 +117,18 @@ class HashSources(beam.PTransform):
         max_concurrent_gets: int,
         config: S3Config | None,
         perceptual=None,
+        progress=None,
+        listed=None,
     ) -> None:
         super().__init__()
-        self._fn = _HashFn(input_root, max_concurrent_gets, config, perceptual)
+        self._fn = _HashFn(input_root, max_concurrent_gets, config, perceptual, progress)
+        self._listed = listed
 
     def expand(self, refs):
-        hashed = refs | "Hash" >> beam.ParDo(self._fn).with_outputs(REJECTED, main="refs")
+        listed = [pvalue.AsSingleton(self._listed)] if self._listed is not None else []
+        hashed = refs | "Hash" >> beam.ParDo(self._fn, *listed).with_outputs(
+            REJECTED, main="refs"
+        )
         return {"refs": hashed.refs, "rejected": hashed[REJECTED]}
 
 

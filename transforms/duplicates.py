@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -25,10 +26,12 @@ __all__ = [
     "FindDuplicates",
     "Fingerprint",
     "NearPairs",
+    "conflicts",
     "converted_hash",
     "groups_of",
     "image_fingerprint",
     "perceptual_hash",
+    "straddles",
 ]
 
 # Measured on generated photos, an original against a resized and re-encoded copy, both
@@ -169,6 +172,23 @@ class DuplicateReport(NamedTuple):
     def build(cls, exact, near_pairs) -> DuplicateReport:
         return cls(_ordered(exact), _ordered(groups_of(near_pairs)))
 
+    def to_json(self) -> bytes:
+        return json.dumps({"exact": self.exact, "near": self.near}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DuplicateReport:
+        parsed = json.loads(data)
+        return cls(*([[Fingerprint(*fp) for fp in group] for group in parsed[kind]]
+                     for kind in ("exact", "near")))  # fmt: skip
+
+    def summary(self) -> list[tuple[str, int, int, int, int]]:
+        """(kind, groups, records, groups straddling splits, groups across classes)."""
+        return [
+            (kind, len(groups), sum(map(len, groups)), sum(map(straddles, groups)),
+             sum(map(conflicts, groups)))
+            for kind, groups in (("exact", self.exact), ("near", self.near))
+        ]  # fmt: skip
+
     def lines(self) -> list[str]:
         out = []
         near = (
@@ -177,14 +197,14 @@ class DuplicateReport(NamedTuple):
         )
         for kind, groups in (("exact duplicates (same source bytes)", self.exact),
                              (near, self.near)):  # fmt: skip
-            straddle = sum(_straddles(g) for g in groups)
-            conflicts = sum(_conflicts(g) for g in groups)
+            straddle = sum(straddles(g) for g in groups)
+            conflicts = sum(conflicts(g) for g in groups)
             out.append(
                 f"{kind}: {len(groups)} groups, {sum(map(len, groups))} records; "
                 f"straddling splits {straddle}, across classes {conflicts}"
             )
             for group in groups[:_MAX_LISTED]:
-                tags = [t for t, f in (("splits", _straddles), ("classes", _conflicts)) if f(group)]
+                tags = [t for t, f in (("splits", straddles), ("classes", conflicts)) if f(group)]
                 members = ", ".join(f"{fp.name} ({fp.split}, {fp.label})" for fp in group)
                 out.append(f"  {'across ' + ' and '.join(tags) + ': ' if tags else ''}{members}")
             if len(groups) > _MAX_LISTED:
@@ -192,11 +212,13 @@ class DuplicateReport(NamedTuple):
         return out
 
 
-def _straddles(group) -> bool:
+def straddles(group) -> bool:
+    """Whether a duplicate group has records in more than one split."""
     return len({fp.split for fp in group}) > 1
 
 
-def _conflicts(group) -> bool:
+def conflicts(group) -> bool:
+    """Whether a duplicate group has records of more than one class."""
     return len({fp.label for fp in group}) > 1
 
 
@@ -204,5 +226,5 @@ def _ordered(groups) -> list[list[Fingerprint]]:
     """Groups straddling splits first, then across classes, then the rest; by name."""
     return sorted(
         (sorted(g, key=lambda fp: fp.name) for g in groups),
-        key=lambda g: (not _straddles(g), not _conflicts(g), g[0].name),
+        key=lambda g: (not straddles(g), not conflicts(g), g[0].name),
     )

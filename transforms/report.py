@@ -22,6 +22,7 @@ from typing import Any
 
 from s3tfr import storage
 from s3tfr.s3 import S3Config
+from transforms.duplicates import NEAR_BITS, conflicts, straddles
 from transforms.verify import iter_records, parse_example
 
 __all__ = ["MAX_SAMPLE_SHARDS", "REPORT_FILE", "sample_examples", "write_report"]
@@ -192,7 +193,46 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
+# Duplicate groups listed on the page (the counts cover all of them).
+MAX_DUPLICATE_ROWS = 100
+
+
+def _duplicates(report) -> list[str]:
+    """The duplicate section: counts per kind, then the groups, those straddling splits
+    first (``inspect --verify`` finds them from every record; without it, a note)."""
+    parts = ["<h2 id=duplicates>Duplicates</h2>"]
+    if report is None:
+        parts.append("<p class=muted>Not checked: <code>inspect --verify --report DIR</code> "
+                     "reads every record and adds them here.</p>")  # fmt: skip
+        return parts
+    kinds = {"exact": "exact (same source bytes)",
+             "near": f"near (perceptual hash within {NEAR_BITS} of 64 bits)"}  # fmt: skip
+    parts.append(_table(
+        ["kind", "groups", "records", "straddling splits", "across classes"],
+        [[kinds[kind], *numbers] for kind, *numbers in report.summary()],
+    ))  # fmt: skip
+    rows = []
+    for kind, groups in (("exact", report.exact), ("near", report.near)):
+        for group in groups:
+            where = [w for w, test in (("splits", straddles), ("classes", conflicts))
+                     if test(group)]  # fmt: skip
+            members = ", ".join(f"{fp.name} ({fp.split}, {fp.label})" for fp in group)
+            rows.append([kind, " and ".join(where) or "-", members])
+    rows.sort(key=lambda row: ("splits" not in row[1], "classes" not in row[1]))
+    if rows:
+        parts.append(_table(["kind", "across", "records (split, class)"],
+                            rows[:MAX_DUPLICATE_ROWS]))  # fmt: skip
+        if len(rows) > MAX_DUPLICATE_ROWS:
+            parts.append(f"<p class=muted>first {MAX_DUPLICATE_ROWS} of {len(rows)} groups; "
+                         "<code>inspect --verify</code> prints them</p>")  # fmt: skip
+    else:
+        parts.append("<p>None found.</p>")
+    return parts
+
+
+def _render(
+    root: str, info: dict, rejected: list[dict], samples: dict, duplicates=None
+) -> str:
     labels = info["labels"]
     splits = info["splits"]
     parts = [
@@ -258,6 +298,7 @@ def _render(root: str, info: dict, rejected: list[dict], samples: dict) -> str:
                          "all are in rejected.jsonl</p>")  # fmt: skip
     else:
         parts.append("<p>None: every listed input was converted.</p>")
+    parts.extend(_duplicates(duplicates))
     parts.append("<h2 id=sizes>Image sizes</h2>")
     stats = info.get("image_stats", {})
     rows = [[axis.replace("_", " "), stats[axis]["min"], stats[axis]["mean"], stats[axis]["max"]]
@@ -288,6 +329,7 @@ def write_report(
     out_dir: str,
     samples_per_class: int = 8,
     config: S3Config | None = None,
+    duplicates=None,
 ) -> str:
     """Writes ``out_dir/index.html`` for the dataset at ``root``.
 
@@ -298,6 +340,7 @@ def write_report(
         out_dir: a local directory (created if needed).
         samples_per_class: decoded examples per class on the contact sheets.
         config: S3 client settings.
+        duplicates: the ``DuplicateReport`` of ``inspect --verify``, if it ran.
 
     Returns:
         The path of the written page.
@@ -306,7 +349,7 @@ def write_report(
 
     matplotlib.use("Agg")  # no display: render to PNG bytes only
     samples = sample_examples(root, info, samples_per_class, config)
-    page = _render(root, info, rejected, samples)
+    page = _render(root, info, rejected, samples, duplicates)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, REPORT_FILE)
     with open(path, "w", encoding="utf-8") as f:
