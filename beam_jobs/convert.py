@@ -59,6 +59,7 @@ from transforms.images import (
 from transforms.listing import METRICS_NAMESPACE, ListImages
 from transforms.manifest_writer import AccountingError, WriteManifest
 from transforms.progress import ProgressFolder
+from transforms.references import KeyIndexError
 from transforms.sharding import AssignShards, ShardConfig
 from transforms.tfrecords import WriteShards
 
@@ -324,7 +325,7 @@ def _options_record(opts: ConvertOptions, resize: Resize) -> dict:
 
 
 # What stops a job (exit 1, one line) rather than a crash: see transforms/commit.py.
-_STOPPING_ERRORS = (AccountingError, ForeignFile, LeaseLost, ManifestConflict)
+_STOPPING_ERRORS = (AccountingError, ForeignFile, KeyIndexError, LeaseLost, ManifestConflict)
 
 
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:

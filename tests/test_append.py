@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -362,3 +363,53 @@ def test_tfds_reads_old_and_new_shards_after_an_append(tree, tmp_path):
         expected = {k for k, v in _records(out).items() if v[0] == split}
         assert names == expected and len(expected) == entry["examples"]
         assert builder.info.splits[split].num_examples == entry["examples"]
+
+
+def test_a_damaged_key_index_fails_verify_and_stops_an_append(tree, tmp_path):
+    from beam_jobs.common import JobFailed
+
+    out = str(tmp_path / "out")
+    info = _convert(tree, out)
+    shard = info["splits"]["train"]["shards"][0]["file"]
+    with open(os.path.join(out, index_name(shard)), "wb") as f:
+        f.write(gzip.compress(b'{"key": "ant/not-in-the-shard.jpg", "size": 1, "stamp": "",'
+                              b' "sha256": ""}\n', mtime=0))  # fmt: skip
+    result = inspect.run([out, "--verify"])
+    assert inspect.verify_failed(result)
+    os.remove(os.path.join(tree, min(_records(out))))
+    with pytest.raises(JobFailed, match="key index"):
+        _convert(tree, out, "--append")
+    assert load_info(out)["splits"] == info["splits"]  # the dataset as it was
+
+
+def test_an_append_killed_midway_leaves_the_dataset_as_it_was(tree, tmp_path):
+    out = str(tmp_path / "out")
+    _convert(tree, out)
+    before = _records(out)
+    manifest = storage.read_bytes(os.path.join(out, "s3tfr_manifest.json"))
+    for i in range(60):
+        _photo(os.path.join(tree, CLASSES[i % 3], f"burst-{i:03d}.jpg"), seed=400 + i,
+               size=(400, 300))  # fmt: skip
+    runs = os.path.join(out, ".s3tfr", "runs")
+    proc = _spawn(["--input", tree, "--output", out, *SHARDING, "--append"],
+                  tmp_path / "killed.log")  # fmt: skip
+    # Killed once its first new shard is in place (marked), before it commits.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isdir(runs) and any(
+            files for path, _dirs, files in os.walk(runs) if path.endswith("written")
+        ):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    proc.kill()
+    proc.wait()
+    # The committed dataset is untouched and still reads as it was.
+    assert storage.read_bytes(os.path.join(out, "s3tfr_manifest.json")) == manifest
+    assert _records(out) == before
+    _verified(out)
+    # The next append takes over the dead run's lease and finishes the work.
+    _convert(tree, out, "--append")
+    assert _records(out) == _full(tree, tmp_path)
+    assert not os.path.exists(os.path.join(out, ".s3tfr"))
+    _verified(out)

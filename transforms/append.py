@@ -38,6 +38,7 @@ from transforms.references import (
     Compaction,
     ImageRef,
     IndexRow,
+    KeyIndexError,
     Rejection,
     decode_index,
 )
@@ -81,7 +82,13 @@ class _ReadIndexFn(beam.DoFn):
         self._config = config
 
     def process(self, file: str):
-        data = storage.read_bytes(storage.join(self._output, index_name(file)), self._config)
+        uri = storage.join(self._output, index_name(file))
+        try:
+            data = storage.read_bytes(uri, self._config)
+        except FileNotFoundError:
+            raise KeyIndexError(
+                f"{uri} is gone: the dataset cannot be appended to; run a full convert"
+            ) from None
         by_bucket = collections.defaultdict(list)
         for row in decode_index(data, file):
             by_bucket[_bucket(row.key)].append(row)

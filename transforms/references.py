@@ -16,6 +16,7 @@ __all__ = [
     "Compaction",
     "ImageRef",
     "IndexRow",
+    "KeyIndexError",
     "Rejection",
     "ShardItem",
     "content_split_key",
@@ -60,6 +61,11 @@ class IndexRow(NamedTuple):
     file: str = ""
 
 
+class KeyIndexError(RuntimeError):
+    """A shard's key index is missing, damaged, or disagrees with the shard: an append
+    cannot trust what the dataset holds."""
+
+
 class Compaction(NamedTuple):
     """A committed shard to copy, less the records of ``drop`` (keys whose source was
     changed or deleted since): the shard writer's work for a group of this alone."""
@@ -83,7 +89,7 @@ def decode_index(data: bytes, file: str) -> list[IndexRow]:
     """The rows of the key index of the shard ``file`` (as :func:`encode_index` wrote).
 
     Raises:
-        ValueError: the bytes are not such an index.
+        KeyIndexError: the bytes are not such an index.
     """
     rows = []
     try:
@@ -92,7 +98,10 @@ def decode_index(data: bytes, file: str) -> list[IndexRow]:
             rows.append(IndexRow(str(row["key"]), int(row["size"]), str(row["stamp"]),
                                  str(row["sha256"]), file))  # fmt: skip
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"the key index of {file} is damaged ({type(e).__name__})") from None
+        raise KeyIndexError(
+            f"the key index of {file} is damaged ({type(e).__name__}): run a full convert "
+            "to rewrite the dataset"
+        ) from None
     return rows
 
 

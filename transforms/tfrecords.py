@@ -41,6 +41,7 @@ from transforms.progress import ProgressFolder
 from transforms.references import (
     Compaction,
     IndexRow,
+    KeyIndexError,
     Rejection,
     ShardItem,
     decode_index,
@@ -266,7 +267,7 @@ class _WriteShardFn(beam.DoFn):
                 kept[label] += 1
                 keys.append(key)
         if keys != [row.key for row in kept_rows] or sum(dropped.values()) != len(job.drop):
-            raise RuntimeError(
+            raise KeyIndexError(
                 f"{job.file} and its key index disagree ({len(keys)} records kept against "
                 f"{len(kept_rows)} index rows): run a full convert to rewrite the dataset"
             )

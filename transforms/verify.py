@@ -30,10 +30,12 @@ import botocore.exceptions
 from apache_beam.io.tfrecordio import _TFRecordUtil
 
 from s3tfr import s3, storage
+from s3tfr.contract import index_name
 from s3tfr.host import quiet_tensorflow_import
 from s3tfr.s3 import S3Config
 from transforms.duplicates import FindDuplicates, Fingerprint, perceptual_hash
 from transforms.progress import ProgressFolder
+from transforms.references import KeyIndexError, decode_index
 
 __all__ = [
     "METRICS_NAMESPACE",
@@ -296,6 +298,7 @@ class _VerifyShardFn(beam.DoFn):
         fingerprints: list[Fingerprint] = []
         problems: list[str] = []
         counts: collections.Counter[str] = collections.Counter()
+        names: list[str] = []
         records = decoded = 0
 
         def problem(text: str) -> None:
@@ -321,6 +324,7 @@ class _VerifyShardFn(beam.DoFn):
                         label = features["image/class/label"]
                         text = features["image/class/text"].decode("utf-8", "replace")
                         name = features["image/filename"].decode("utf-8", "replace")
+                        names.append(name)
                         if not 0 <= label < len(self._labels):
                             problem(f"record {records - 1} ({name}): label {label} out of range")
                         elif self._labels[label] != text:
@@ -354,11 +358,33 @@ class _VerifyShardFn(beam.DoFn):
             problems.insert(0, "sha256 differs from the manifest")
         if records != entry["examples"]:
             problems.append(f"{records} records, manifest says {entry['examples']}")
+        index_problem = self._index_problem(entry["file"], names)
+        if index_problem:
+            problems.append(index_problem)
         check = ShardCheck(
             split, entry["file"], not problems, records, hashing.size, tuple(problems),
             tuple(sorted(counts.items())),
         )  # fmt: skip
         return check, fingerprints
+
+    def _index_problem(self, file: str, names: list[str]) -> str:
+        """What is wrong with the shard's key index (``convert --append`` reads it), if
+        it has one: it must list the records' keys in their order. A dataset converted
+        before key indexes has none, which only ``--append`` minds."""
+        try:
+            data = storage.read_bytes(storage.join(self._root, index_name(file)), self._config)
+        except FileNotFoundError:
+            return ""
+        try:
+            keys = [storage.printable(row.key) for row in decode_index(data, file)]
+        except KeyIndexError as e:
+            return str(e).split(": run a full convert")[0]
+        if keys != names:
+            return (
+                f"its key index ({index_name(file)}) lists {len(keys)} keys that differ "
+                f"from its {len(names)} records"
+            )
+        return ""
 
     def process(self, element):
         split, entry = element
