@@ -139,6 +139,12 @@ def summary(root: str, info: dict, rejected: list[dict], top: int = DEFAULT_TOP_
     counts = info.get("counts", {})
     lines.append(f"  listed {counts.get('listed', '?')}, converted {counts.get('converted', '?')}, "
                  f"rejected {counts.get('rejected', len(rejected))}")  # fmt: skip
+    appends = info.get("appends", [])
+    if appends:
+        lines.append(f"  appended {len(appends)} times since its full conversion: "
+                     f"{sum(a.get('added', 0) for a in appends)} records added, "
+                     f"{sum(a.get('dropped', 0) for a in appends)} dropped "
+                     "(changed or deleted sources)")  # fmt: skip
     by_code: dict[str, list[dict]] = collections.defaultdict(list)
     for r in rejected:
         by_code[r.get("code") or r.get("stage", "?")].append(r)

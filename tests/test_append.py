@@ -188,6 +188,9 @@ def test_append_twice_in_a_row_and_with_nothing_new(tree, tmp_path):
     info = _convert(tree, out, "--append")
     assert len(info["appends"]) == 2
     assert _records(out) == _full(tree, tmp_path)
+    assert "appended 2 times since its full conversion: 2 records added, 1 dropped" in (
+        inspect.summary(out, info, [])
+    )
     shards = _shard_files(out)
     manifest = storage.read_bytes(os.path.join(out, "s3tfr_manifest.json"))
 

@@ -195,13 +195,13 @@ class DuplicateReport(NamedTuple):
             f"near-duplicates (perceptual hash within {NEAR_BITS} of 64 bits, "
             "different sources)"
         )
-        for kind, groups in (("exact duplicates (same source bytes)", self.exact),
-                             (near, self.near)):  # fmt: skip
-            straddle = sum(straddles(g) for g in groups)
-            conflicts = sum(conflicts(g) for g in groups)
+        names = ("exact duplicates (same source bytes)", near)
+        for kind, groups, (_, count, records, straddle, across) in zip(
+            names, (self.exact, self.near), self.summary()
+        ):
             out.append(
-                f"{kind}: {len(groups)} groups, {sum(map(len, groups))} records; "
-                f"straddling splits {straddle}, across classes {conflicts}"
+                f"{kind}: {count} groups, {records} records; "
+                f"straddling splits {straddle}, across classes {across}"
             )
             for group in groups[:_MAX_LISTED]:
                 tags = [t for t, f in (("splits", straddles), ("classes", conflicts)) if f(group)]
