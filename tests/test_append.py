@@ -15,8 +15,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -29,10 +27,10 @@ from devtools.local_s3 import put_tree
 from devtools.sample_data import write_sample_tree
 from s3tfr import storage
 from s3tfr.contract import INDEX_DIR, index_name
+from tests.test_commit import _spawn, race
 from tfdata_reader import load_info, make_dataset
 from transforms.verify import iter_records, parse_example
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("ant", "bee", "wasp")
 # Small shards, so that a few images spread over many of them and a change touches few.
 SHARDING = ["--validation_fraction", "0.3", "--shard_size_mb", "0.004", "--min_shards", "6"]
@@ -192,14 +190,14 @@ def test_append_twice_in_a_row_and_with_nothing_new(tree, tmp_path):
         inspect.summary(out, info, [])
     )
     shards = _shard_files(out)
-    manifest = storage.read_bytes(os.path.join(out, "s3tfr_manifest.json"))
 
-    again = _convert(tree, out, "--append")  # nothing changed: nothing written
+    again = _convert(tree, out, "--append")  # nothing changed: no shard written
 
     assert _shard_files(out) == shards
     assert again["splits"] == load_info(out)["splits"] == info["splits"]
-    assert again["appends"][-1] == {**again["appends"][-1], "added": 0, "dropped": 0}
-    assert len(storage.read_bytes(os.path.join(out, "s3tfr_manifest.json"))) > len(manifest) - 1
+    assert len(again["appends"]) == 3
+    last = again["appends"][-1]
+    assert (last["added"], last["dropped"], last["replaced_shards"]) == (0, 0, [])
     _verified(out)
 
 
@@ -280,34 +278,12 @@ def test_append_keeps_content_splits(tree, tmp_path):
     assert records == _full(tree, tmp_path, "--split_by", "content")
 
 
-def _spawn(args: list[str], log_path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "beam_jobs.convert", *args],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-
 def test_two_concurrent_appends_one_commits_the_other_stops(tree, tmp_path):
     out = str(tmp_path / "out")
     _convert(tree, out)
     for i in range(4):
         _photo(os.path.join(tree, "bee", f"late-{i}.jpg"), seed=200 + i)
-    procs = []
-    for n in range(2):
-        log = tmp_path / f"append{n}.log"
-        procs.append((_spawn(["--input", tree, "--output", out, *SHARDING, "--append"], log),
-                      log))  # fmt: skip
-    codes = []
-    for proc, log in procs:
-        code = proc.wait(timeout=300)
-        text = log.read_text(errors="replace")
-        assert code in (0, 2), text[-3000:]
-        if code == 2:
-            assert "another convert run is writing" in text and "Traceback" not in text
-        codes.append(code)
-    assert 0 in codes
+    race([["--input", tree, "--output", out, *SHARDING, "--append"]] * 2, tmp_path / "append")
     # Whichever order they ran in, the dataset holds every image once.
     assert _records(out) == _full(tree, tmp_path)
     _verified(out)

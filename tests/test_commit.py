@@ -103,27 +103,34 @@ def _spawn(args: list[str], log_path) -> subprocess.Popen:
         )  # fmt: skip
 
 
+def race(runs: list[list[str]], logs) -> list[int]:
+    """Starts a convert per argument list at once; returns their exit codes, each 0 (it
+    committed) or 2 with the lease holder named and no traceback; at least one is 0."""
+    procs = [(_spawn(args, f"{logs}-{n}.log"), f"{logs}-{n}.log") for n, args in enumerate(runs)]
+    codes = []
+    for proc, log in procs:
+        code = proc.wait(timeout=300)
+        with open(log, errors="replace") as f:
+            text = f.read()
+        assert code in (0, 2), text[-3000:]
+        if code == 2:
+            assert "another convert run is writing" in text, text[-3000:]
+            assert "Traceback" not in text
+        codes.append(code)
+    assert 0 in codes
+    return codes
+
+
 @pytest.mark.parametrize("source", ["local", "s3"], indirect=True)
 def test_concurrent_converts_never_leave_a_wrong_complete_dataset(source, tmp_path):
     src, out = source
     _put_foreign(out)
     outcomes = []
     for attempt in range(3):
-        procs = []
-        for shards in ("4", "3"):
-            log = tmp_path / f"run{attempt}-{shards}.log"
-            procs.append((_spawn(["--input", src, "--output", out, "--num_shards", shards],
-                                 log), log))  # fmt: skip
-        codes = []
-        for proc, log in procs:
-            code = proc.wait(timeout=300)
-            text = log.read_text(errors="replace")
-            assert code in (0, 2), text[-3000:]
-            if code == 2:
-                assert "another convert run is writing" in text, text[-3000:]
-                assert "Traceback" not in text
-            codes.append(code)
-        assert 0 in codes
+        codes = race(
+            [["--input", src, "--output", out, "--num_shards", shards] for shards in ("4", "3")],
+            tmp_path / f"run{attempt}",
+        )
         outcomes.append(tuple(codes))
         _assert_not_wrong_complete(out)
         files = _files(out)
