@@ -392,3 +392,24 @@ def test_an_append_killed_midway_leaves_the_dataset_as_it_was(tree, tmp_path):
     assert _records(out) == _full(tree, tmp_path)
     assert not os.path.exists(os.path.join(out, ".s3tfr"))
     _verified(out)
+
+
+def test_analysis_is_stale_after_an_append_until_analyze_runs_on_old_and_new(tree, tmp_path):
+    from tfdata_reader import DatasetError
+    from tfdata_reader import transform as reader_transform
+
+    out = str(tmp_path / "out")
+    _convert(tree, out, "--resize", "crop:32x32", "--analyze")
+    first = reader_transform.load_analysis(out)
+    for i in range(5):
+        _photo(os.path.join(tree, "wasp", f"stats-{i}.jpg"), seed=500 + i)
+    _convert(tree, out, "--resize", "crop:32x32", "--append")
+    with pytest.raises(DatasetError, match="appended to"):
+        make_dataset(out, "train", batch_size=4, image_size=(32, 32), normalize="transform_fn")
+    info = _convert(tree, out, "--resize", "crop:32x32", "--append", "--analyze")
+    analysis = reader_transform.load_analysis(out)
+    # Computed over old and new records alike.
+    assert analysis["examples"] == info["splits"]["train"]["examples"] == first["examples"] + (
+        sum(v[0] == "train" for k, v in _records(out).items() if "/stats-" in k)
+    )
+    make_dataset(out, "train", batch_size=4, image_size=(32, 32), normalize="transform_fn")
