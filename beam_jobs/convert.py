@@ -38,7 +38,13 @@ from s3tfr.contract import INDEX_DIR, MANIFEST, REJECTED_FILE, TOOL, index_name
 from s3tfr.manifest import DatasetError, load_info, s3_error
 from s3tfr.s3 import S3Config
 from transforms import turbo
-from transforms.append import Reconcile, naming_after, shard_files
+from transforms.append import (
+    Compactions,
+    HeldCount,
+    Reconcile,
+    naming_after,
+    shard_files,
+)
 from transforms.commit import (
     ForeignFile,
     Lease,
@@ -419,6 +425,14 @@ def _append_base(
             progress.LOGGER.info("convert --append: no dataset at %s yet: converting all", output)
             return None
         raise UserError(f"--append: {e}") from None
+    source = info.get("source", {}).get("uri", "")
+    if _normalise(source) != _normalise(base_info["source"]["uri"]):
+        raise UserError(
+            f"--append: {output} was converted from {source}, not "
+            f"{base_info['source']['uri']}: an append adds what changed in the same input "
+            "(and drops what is gone from it); to convert another input, run a full "
+            "convert into another --output"
+        )
     ours, theirs = base_info["options"], info.get("options", {})
     changed = [
         f"--{name} {theirs.get(name)!r} (now {ours[name]!r})"
@@ -433,18 +447,23 @@ def _append_base(
     if labels != info["labels"]:
         new = sorted(set(labels) - set(info["labels"]))
         gone = sorted(set(info["labels"]) - set(labels))
+        what = (
+            f"the classes differ from the dataset's (new: {new or 'none'}; gone: "
+            f"{gone or 'none'})" if new or gone else
+            f"the class order differs from the dataset's ({', '.join(info['labels'])})"
+        )  # fmt: skip
         raise UserError(
-            f"--append: the classes differ from the dataset's (new: {new or 'none'}; "
-            f"gone: {gone or 'none'}), so every record's label index would change: run a "
-            "full convert, or pass --labels_file with the dataset's labels.txt to reject "
-            "images of other classes"
+            f"--append: {what}, so record label indices would change: run a full convert, "
+            "or pass --labels_file with the dataset's labels.txt (images of other classes "
+            "are then rejected)"
         )
     indexed = set(storage.list_files(storage.join(output, INDEX_DIR), config))
     missing = [f for f in shard_files(info) if index_name(f).split("/", 1)[1] not in indexed]
     if missing:
         raise UserError(
-            f"--append: {len(missing)} shards of {output} have no key index ({missing[0]}, "
-            "...): the dataset was converted by an older version; run a full convert once"
+            f"--append: {len(missing)} of the {len(shard_files(info))} shards of {output} "
+            f"have no key index (first: {index_name(missing[0])}): converted by a version "
+            "without key indexes, or the files were removed; run a full convert once"
         )
     return info
 
@@ -490,7 +509,7 @@ def _convert(
             "content" if opts.dedupe == "near" else opts.split_by,
         )  # fmt: skip
         refs, content_rejected, near_roots = listed["refs"], [], None
-        held = compactions = None
+        held = compactions = reconciled = demoted = None
         if base is not None:
             progress.LOGGER.info(
                 "convert --append: comparing the listing with the key index of %d shards …",
@@ -499,9 +518,7 @@ def _convert(
             reconciled = refs | "Reconcile" >> Reconcile(
                 base, opts.output, opts.input, opts.max_concurrent_gets, config
             )
-            refs, held, compactions = (
-                reconciled["fresh"], reconciled["count"], reconciled["compactions"]
-            )
+            refs = reconciled["fresh"]
             content_rejected.append(reconciled["rejected"])
         if hashing:
             progress.LOGGER.info("convert: reading every source once to hash its content …")
@@ -513,17 +530,24 @@ def _convert(
             content_rejected.append(hashed["rejected"])
             if opts.dedupe == "exact":
                 deduplicated = refs | "Deduplicate" >> Deduplicate(
-                    labels, reconciled["held"] if base is not None else None
+                    labels, reconciled["held"] if reconciled is not None else None
                 )
                 refs = deduplicated["refs"]
                 content_rejected.append(deduplicated["rejected"])
+                demoted = deduplicated["demoted"] if reconciled is not None else None
             elif opts.dedupe == "near":
                 near_roots = refs | "GroupNear" >> GroupNear()
         assigned = refs | "AssignShards" >> AssignShards(
             labels, sharding, estimate, near_roots
         )
         groups = assigned["groups"]
-        if compactions is not None:
+        if reconciled is not None:
+            # Records of changed and deleted sources, and held twins of a new first key.
+            dropped = reconciled["dropped"]
+            if demoted is not None:
+                dropped = (dropped, demoted) | "AllDropped" >> beam.Flatten()
+            compactions = dropped | "Compactions" >> Compactions()
+            held = reconciled["held"] | "HeldCount" >> HeldCount(demoted)
             groups = (groups, compactions) | "WithCompactions" >> beam.Flatten()
         written = groups | "WriteShards" >> WriteShards(
             opts.input,

@@ -239,6 +239,7 @@ __all__ += [
     "has_empty_segment",
     "has_line_break",
     "is_class_folder",
+    "local_stamp",
     "walk_folder",
 ]
 
@@ -300,7 +301,7 @@ def walk_folder(
 ) -> Iterator[tuple[str, int, str]]:
     """Every file under ``folder`` (a name relative to ``root``), named relative to
     ``root``, as ``(name, size, stamp)``. The stamp changes when the file is rewritten:
-    the ETag on S3, the modification time in nanoseconds locally.
+    the ETag on S3, :func:`local_stamp` locally.
 
     Unlike ``walk(join(root, folder))``, which strips slashes, the folder is taken as it
     is: on S3 the folder ``""`` (keys ``<root>//…``) lists only the keys under ``<root>//``,
@@ -313,8 +314,16 @@ def walk_folder(
         return
     base = join(root, folder)
     for rel, size in walk(base, config):
-        try:
-            stamp = str(os.stat(os.path.join(_local(base), rel)).st_mtime_ns)
-        except OSError:
-            stamp = ""
-        yield f"{folder}/{rel}", size, stamp
+        yield f"{folder}/{rel}", size, local_stamp(os.path.join(_local(base), rel))
+
+
+def local_stamp(path: str) -> str:
+    """What changes when a local file is rewritten or replaced: its modification and
+    change times and its inode (``cp -p``, ``rsync -t`` or ``tar x`` keep the
+    modification time, and a rename swaps inodes; nobody can set the change time);
+    ``""`` when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"

@@ -104,11 +104,16 @@ def tree(tmp_path) -> str:
     return src
 
 
-def _full(src: str, tmp_path, *extra: str) -> dict[str, tuple[str, str, str]]:
-    """The records of a full conversion of ``src`` (into a fresh prefix)."""
+def _full_conversion(src: str, tmp_path, *extra: str) -> str:
+    """A full conversion of ``src`` into a fresh prefix; returns the prefix."""
     out = str(tmp_path / f"full{len(os.listdir(tmp_path))}")
     _convert(src, out, *extra)
-    return _records(out)
+    return out
+
+
+def _full(src: str, tmp_path, *extra: str) -> dict[str, tuple[str, str, str]]:
+    """The records of a full conversion of ``src`` (into a fresh prefix)."""
+    return _records(_full_conversion(src, tmp_path, *extra))
 
 
 def test_append_converts_only_new_images_and_leaves_shards_untouched(tree, tmp_path):
@@ -253,18 +258,31 @@ def test_append_refuses_a_new_class(tree, tmp_path):
     assert info["counts"]["rejected_by_code"].get("unknown_class") == 1
 
 
-def test_append_with_dedupe_exact_rejects_twins_of_held_images(tree, tmp_path):
+@pytest.mark.parametrize("split_by", ["key", "content"])
+def test_append_with_dedupe_exact_keeps_what_a_full_conversion_keeps(tree, tmp_path, split_by):
+    extra = ("--dedupe", "exact", "--split_by", split_by)
     out = str(tmp_path / "out")
-    _convert(tree, out, "--dedupe", "exact")
-    held = sorted(_records(out))[3]
-    shutil.copy(os.path.join(tree, held), os.path.join(tree, "ant", "0-copy.jpg"))
+    _convert(tree, out, *extra)
+    held = sorted(_records(out))
+    # A twin whose key sorts before its held original (a full conversion keeps the
+    # twin: the held record must go), one in another class sorting after its original
+    # (rejected as a label conflict), and an image with no twin.
+    shutil.copy(os.path.join(tree, held[3]), os.path.join(tree, "ant", "0-copy.jpg"))
+    shutil.copy(os.path.join(tree, held[-2]), os.path.join(tree, "wasp", "zz-copy.jpg"))
     _photo(os.path.join(tree, "bee", "fresh.jpg"), seed=5)
-    info = _convert(tree, out, "--append", "--dedupe", "exact")
+
+    info = _convert(tree, out, "--append", *extra)
+
     records = _records(out)
-    assert "ant/0-copy.jpg" not in records and "bee/fresh.jpg" in records
-    lines = storage.read_bytes(os.path.join(out, "rejected.jsonl")).decode()
-    assert '"key": "ant/0-copy.jpg"' in lines and held in lines
+    full = _full_conversion(tree, tmp_path, *extra)
+    assert records == _records(full)
+    assert "ant/0-copy.jpg" in records and held[3] not in records
+    assert "wasp/zz-copy.jpg" not in records and "bee/fresh.jpg" in records
+    assert storage.read_bytes(os.path.join(out, "rejected.jsonl")) == storage.read_bytes(
+        os.path.join(full, "rejected.jsonl")
+    )
     assert info["counts"]["listed"] == info["counts"]["converted"] + info["counts"]["rejected"]
+    _verified(out)
 
 
 def test_append_keeps_content_splits(tree, tmp_path):
@@ -413,3 +431,66 @@ def test_analysis_is_stale_after_an_append_until_analyze_runs_on_old_and_new(tre
         sum(v[0] == "train" for k, v in _records(out).items() if "/stats-" in k)
     )
     make_dataset(out, "train", batch_size=4, image_size=(32, 32), normalize="transform_fn")
+
+
+def test_local_sources_swapped_with_their_times_kept_are_noticed(tmp_path):
+    # Two files of one size and one modification time (as after `tar x`, `cp -p`,
+    # `rsync -t`), then swapped by renames: size and mtime alike, bytes not.
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    for folder in ("a", "b"):
+        (src / folder).mkdir(parents=True)
+    x, y = (tmp_path / "x.jpg", tmp_path / "y.jpg")
+    _photo(str(x), seed=1)
+    _photo(str(y), seed=2)
+    size = max(x.stat().st_size, y.stat().st_size)
+    when = 1_700_000_000_000_000_000
+    for name, path in (("a/x.jpg", x), ("a/y.jpg", y), ("b/z.jpg", None)):
+        if path is None:
+            _photo(str(src / name), seed=3)
+        else:
+            data = path.read_bytes()
+            (src / name).write_bytes(data + b"\0" * (size - len(data)))
+        os.utime(src / name, ns=(when, when))
+    _convert(str(src), out)
+    os.rename(src / "a/x.jpg", src / "swap")
+    os.rename(src / "a/y.jpg", src / "a/x.jpg")
+    os.rename(src / "swap", src / "a/y.jpg")
+    _convert(str(src), out, "--append")
+    assert _records(out) == _full(str(src), tmp_path)
+
+
+def test_append_refuses_another_input_and_names_a_class_order(tree, tmp_path):
+    out = str(tmp_path / "out")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("wasp\nant\nbee\n")
+    _convert(tree, out, "--labels_file", str(labels))
+    other = str(tmp_path / "other")
+    shutil.copytree(tree, other)
+    with pytest.raises(UserError, match="was converted from"):
+        _convert(other, out, "--append", "--labels_file", str(labels))
+    with pytest.raises(UserError, match="class order differs"):
+        _convert(tree, out, "--append")
+
+
+def test_an_append_stopped_before_its_commit_leaves_tfds_on_the_committed_dataset(
+    tree, tmp_path, monkeypatch
+):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from transforms import commit
+
+    out = str(tmp_path / "out")
+    info = _convert(tree, out)
+    for i in range(4):
+        _photo(os.path.join(tree, "ant", f"late-{i}.jpg"), seed=600 + i)
+    os.remove(os.path.join(tree, min(_records(out))))
+
+    def stop(run, manifest):
+        raise commit.ManifestConflict("stopped before the commit")
+
+    monkeypatch.setattr(commit, "_replace_base", stop)
+    with pytest.raises(Exception, match="stopped before the commit"):
+        _convert(tree, out, "--append")
+    assert load_info(out)["splits"] == info["splits"]
+    builder = tfds.builder_from_directory(out)
+    for split, entry in info["splits"].items():
+        assert sum(1 for _ in builder.as_dataset(split=split)) == entry["examples"]

@@ -86,8 +86,8 @@ def test_list_images_emits_refs_and_rejections(tmp_path):
     # Non-images are only found out at decode; listing rejects what it can see.
     keys = _odd_tree(tmp_path) + ["cat/notes.jpg", "dog/broken.jpg"]
     sizes = {k: os.path.getsize(tmp_path / k) for k in keys}
-    # The listing's stamp: the modification time (ns), which changes when a file is rewritten.
-    stamps = {k: str(os.stat(tmp_path / k).st_mtime_ns) for k in keys}
+    # The listing's stamp, which changes when a file is rewritten.
+    stamps = {k: storage.local_stamp(str(tmp_path / k)) for k in keys}
     with test_pipeline.TestPipeline() as p:
         listed = p | ListImages(str(tmp_path))
         assert_that(

@@ -45,7 +45,7 @@ from transforms.references import (
 from transforms.sharding import COMPACTION_BUCKET, ShardNaming
 from transforms.sources import read_source
 
-__all__ = ["Reconcile", "naming_after", "shard_files"]
+__all__ = ["Compactions", "HeldCount", "Reconcile", "naming_after", "shard_files"]
 
 # Keys are joined in this many buckets: enough that none is large (a million keys: ~4,000
 # references a bucket), few enough that a runner's cost per element does not count.
@@ -106,8 +106,8 @@ def _listed_buckets(refs: list[ImageRef]):
 
 class _ReconcileFn(beam.DoFn):
     """(bucket, its listed references and index rows) -> lists of fresh ImageRef;
-    HELD: lists of held ImageRef (with the SHA-256 of their rows); DROPPED: (shard,
-    key); "suspect": (ImageRef, IndexRow) whose bytes decide."""
+    HELD: lists of (held ImageRef with the SHA-256 of its row, its shard); DROPPED:
+    (shard, key); "suspect": (ImageRef, IndexRow) whose bytes decide."""
 
     def __init__(self) -> None:
         self._held = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "append_held")
@@ -131,7 +131,7 @@ class _ReconcileFn(beam.DoFn):
                 fresh.append(ref)
                 yield pvalue.TaggedOutput(DROPPED, (row.file, row.key))
             elif ref.stamp and ref.stamp == row.stamp:
-                held.append(ref._replace(sha256=row.sha256))
+                held.append((ref._replace(sha256=row.sha256), row.file))
             else:
                 yield pvalue.TaggedOutput("suspect", (ref, row))
         for row in rows.values():  # no longer listed
@@ -171,7 +171,7 @@ class _RecheckFn(beam.DoFn):
     def process(self, pairs: list):
         for (ref, row), result in self._pool.map(self._check, pairs):
             if isinstance(result, ImageRef) and result.sha256 == row.sha256:
-                yield pvalue.TaggedOutput(HELD, [result])
+                yield pvalue.TaggedOutput(HELD, [(result, row.file)])
                 continue
             yield pvalue.TaggedOutput(DROPPED, (row.file, row.key))
             if isinstance(result, Rejection):
@@ -189,6 +189,34 @@ def _compaction(group):
     ]
 
 
+class Compactions(beam.PTransform):
+    """(shard, key) pairs, the records to drop -> a shard group per shard holding any
+    (``((split, bucket), [Compaction])``, for ``WriteShards``)."""
+
+    def expand(self, dropped):
+        return (
+            dropped
+            | "DroppedByShard" >> beam.GroupByKey()
+            | "Compactions" >> beam.Map(_compaction)
+        )
+
+
+class HeldCount(beam.PTransform):
+    """Lists of held (ImageRef, shard), and optionally the (shard, key) of held records
+    that an append drops after all (``Deduplicate``) -> one element: the records held."""
+
+    def __init__(self, demoted=None) -> None:
+        super().__init__()
+        self._demoted = demoted
+
+    def expand(self, held):
+        counts = held | "HeldCounts" >> beam.Map(len)
+        if self._demoted is not None:
+            minus = self._demoted | "DemotedCounts" >> beam.Map(lambda _pair: -1)
+            counts = (counts, minus) | "BothCounts" >> beam.Flatten()
+        return counts | "HeldCount" >> beam.CombineGlobally(sum)
+
+
 class Reconcile(beam.PTransform):
     """Lists of listed ``ImageRef`` -> what an append converts, holds and drops.
 
@@ -201,9 +229,9 @@ class Reconcile(beam.PTransform):
 
     Returns:
         A dict: ``"fresh"`` (lists of ``ImageRef`` to convert), ``"held"`` (lists of
-        ``ImageRef`` whose records stay, each with its content's SHA-256), ``"count"``
-        (one element: how many are held), ``"compactions"`` (shard groups for
-        ``WriteShards``: ``((split, bucket), [Compaction])``) and ``"rejected"``.
+        ``(ImageRef, shard)`` whose records stay, each with its content's SHA-256; see
+        :class:`HeldCount`), ``"dropped"`` (``(shard, key)`` of the records to drop; see
+        :class:`Compactions`) and ``"rejected"``.
     """
 
     def __init__(
@@ -237,22 +265,6 @@ class Reconcile(beam.PTransform):
             >> beam.ParDo(self._recheck).with_outputs(HELD, DROPPED, REJECTED, main="fresh")
         )
         held = (joined[HELD], rechecked[HELD]) | "AllHeld" >> beam.Flatten()
-        count = (
-            held
-            | "HeldCounts" >> beam.Map(len)
-            | "HeldCount" >> beam.CombineGlobally(sum)
-        )
-        compactions = (
-            (joined[DROPPED], rechecked[DROPPED])
-            | "AllDropped" >> beam.Flatten()
-            | "DroppedByShard" >> beam.GroupByKey()
-            | "Compactions" >> beam.Map(_compaction)
-        )
+        dropped = (joined[DROPPED], rechecked[DROPPED]) | "AllDropped" >> beam.Flatten()
         fresh = (joined.fresh, rechecked.fresh) | "AllFresh" >> beam.Flatten()
-        return {
-            "fresh": fresh,
-            "held": held,
-            "count": count,
-            "compactions": compactions,
-            "rejected": rechecked[REJECTED],
-        }
+        return {"fresh": fresh, "held": held, "dropped": dropped, "rejected": rechecked[REJECTED]}

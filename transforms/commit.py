@@ -542,8 +542,8 @@ def finish(
 ) -> None:
     """Deletes stale files, writes ``files`` (name -> bytes: labels, rejections), commits
     ``manifest`` and removes this run's records. An append (``run.append``) replaces the
-    manifest it started from and deletes the shards it replaced only after that, so the
-    dataset stays readable throughout.
+    manifest it started from, and only then writes ``files`` and deletes the shards it
+    replaced, so the dataset stays readable and consistent throughout.
 
     Raises:
         LeaseLost: another run holds the prefix now; nothing was written.
@@ -553,9 +553,7 @@ def finish(
     stale = stale_files(run, keep)
     if not run.append:
         _delete_shards(run, stale)
-    for name, data in files.items():
-        _check_held(run)  # a run that lost the prefix must not touch another's files
-        storage.write_bytes(run.uri(name), data, run.config)
+        _write_files(run, files)
     _check_held(run)
     manifest_uri = run.uri(MANIFEST)
     if run.append:
@@ -574,8 +572,17 @@ def finish(
             _replace_if(manifest_uri, None, etag, run.config)
         raise LeaseLost(f"lost the lease on {run.output} while committing; rerun the job")
     if run.append:
+        # After the manifest: until it is replaced, TFDS's files and rejected.jsonl
+        # describe the committed dataset, whose shards are all still there.
+        _write_files(run, files)
         _delete_shards(run, stale)
     _delete_tree(run.records, run.config)
+
+
+def _write_files(run: OutputRun, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        _check_held(run)  # a run that lost the prefix must not touch another's files
+        storage.write_bytes(run.uri(name), data, run.config)
 
 
 def _delete_shards(run: OutputRun, names: list[str]) -> None:

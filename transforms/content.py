@@ -33,6 +33,7 @@ from transforms.sources import read_source
 
 __all__ = ["Deduplicate", "GroupNear", "HashSources"]
 
+DEMOTED = "demoted"
 # References travel in lists of up to this many, as the listing emits them.
 _LIST_SIZE = 1000
 # The largest near-duplicate group put in one split (see _near_roots).
@@ -133,33 +134,38 @@ class HashSources(beam.PTransform):
 
 
 class _Held(NamedTuple):
-    """A reference whose record the dataset already holds (``convert --append``)."""
+    """A reference whose record the dataset already holds (``convert --append``), in
+    the committed shard ``file``."""
 
     ref: ImageRef
+    file: str
 
 
 def _keep_first(group, labels: list[str]):
     """(sha256, refs) -> the first ref by key among those AssignShards will take (a
     class in ``labels``, a valid split folder), else the first of all; a Rejection for
-    each of its twins. A content the dataset already holds (``_Held``) keeps its record:
-    every new twin is rejected. Empty files are not deduplicated: each is rejected as
-    empty."""
+    each of its twins. Empty files are not deduplicated: each is rejected as empty.
+
+    With records the dataset already holds (``_Held``, ``convert --append``), the same
+    choice is made among them and the new references together, as a full conversion
+    would make it: a held record that is kept stays; one that is not is DEMOTED (its
+    record dropped, its key rejected as a twin), and a new reference kept is converted.
+    """
     _digest, members = group
-    held = sorted(m.ref for m in members if isinstance(m, _Held))
-    refs = [m for m in members if not isinstance(m, _Held)]
+    held = {m.ref.key: m for m in members if isinstance(m, _Held)}
+    refs = [m.ref if isinstance(m, _Held) else m for m in members]
     if not held and (len(refs) == 1 or refs[0].size == 0):
         yield from refs
         return
     known = set(labels)
-    ordered = sorted(refs, key=lambda r: (assign_problem(r, known) is not None, r))
-    if held:
-        kept, twins = held[0], ordered
-    else:
-        kept, *twins = ordered
+    kept, *twins = sorted(refs, key=lambda r: (assign_problem(r, known) is not None, r))
+    if kept.key not in held:
         yield kept
     # Identical bytes convert identically, so the kept one's fate is the twins' too.
     fate = "if it is rejected too, its own line says why"
     for twin in twins:
+        if twin.key in held:
+            yield pvalue.TaggedOutput(DEMOTED, (held[twin.key].file, twin.key))
         if twin.label == kept.label:
             code, reason = "duplicate", f"the same bytes as {kept.key}, kept instead ({fate})"
         else:
@@ -183,12 +189,13 @@ class Deduplicate(beam.PTransform):
 
     Args:
         labels: a one-element PCollection holding the class names.
-        held: ``convert --append``: lists of ``ImageRef`` (with their SHA-256) whose
-            records the dataset holds; a new source with the same bytes is a twin.
+        held: ``convert --append``: lists of ``(ImageRef, shard)`` (with their SHA-256)
+            whose records the dataset holds: twins like any other.
 
     Returns:
-        A dict: ``"refs"`` (lists of ``ImageRef``) and ``"rejected"`` (the twins, code
-        ``duplicate``, or ``label_conflict`` where the twin is in another class).
+        A dict: ``"refs"`` (lists of ``ImageRef``), ``"rejected"`` (the twins, code
+        ``duplicate``, or ``label_conflict`` where the twin is in another class) and
+        ``"demoted"`` (``(shard, key)`` of held records that are twins now: to drop).
     """
 
     def __init__(self, labels, held=None) -> None:
@@ -202,7 +209,7 @@ class Deduplicate(beam.PTransform):
         )
         if self._held is not None:
             held = self._held | "HeldByContent" >> beam.FlatMap(
-                lambda batch: ((r.sha256, _Held(r)) for r in batch)
+                lambda batch: ((r.sha256, _Held(r, file)) for r, file in batch)
             )
             by_content = (by_content, held) | "WithHeld" >> beam.Flatten()
         kept = (
@@ -210,13 +217,13 @@ class Deduplicate(beam.PTransform):
             | "GroupByContent" >> beam.GroupByKey()
             | "KeepFirst"
             >> beam.FlatMap(_keep_first, pvalue.AsSingleton(self._labels)).with_outputs(
-                REJECTED, main="refs"
+                REJECTED, DEMOTED, main="refs"
             )
         )
         lists = kept.refs | "Lists" >> beam.BatchElements(
             min_batch_size=1, max_batch_size=_LIST_SIZE
         )
-        return {"refs": lists, "rejected": kept[REJECTED]}
+        return {"refs": lists, "rejected": kept[REJECTED], "demoted": kept[DEMOTED]}
 
 
 def _near_roots(pairs) -> dict[str, str]:
