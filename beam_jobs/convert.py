@@ -378,7 +378,10 @@ def _run(argv: list[str] | None) -> beam.runners.runner.PipelineResult:
     )  # fmt: skip
     base_info = {
         "tool": TOOL,
-        "source": {"uri": opts.input},
+        # A local input as its absolute path: an append from another working directory
+        # must recognise it.
+        "source": {"uri": opts.input if s3.is_s3(opts.input)
+                   else os.path.realpath(opts.input.removeprefix("file://"))},
         "options": _options_record(opts, resize),
         # The libraries whose code decides the output bytes (the launcher's; workers run
         # the same pinned requirements).

@@ -494,3 +494,14 @@ def test_an_append_stopped_before_its_commit_leaves_tfds_on_the_committed_datase
     builder = tfds.builder_from_directory(out)
     for split, entry in info["splits"].items():
         assert sum(1 for _ in builder.as_dataset(split=split)) == entry["examples"]
+
+
+def test_append_from_another_working_directory_with_a_relative_input(tree, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    monkeypatch.chdir(os.path.dirname(tree))
+    info = _convert(os.path.basename(tree), out)
+    assert info["source"]["uri"] == os.path.realpath(tree)
+    _photo(os.path.join(tree, "bee", "moved-in.jpg"), seed=11)
+    monkeypatch.chdir(tree)
+    appended = _convert(".", out, "--append")
+    assert appended["appends"][-1]["added"] == 1
