@@ -125,13 +125,19 @@ def walk(uri: str, config: S3Config | None = None) -> Iterator[Entry]:
         for obj in s3.iter_objects(bucket, prefix, config):
             yield obj.key[len(prefix) :], obj.size
         return
-    root = _local(uri)
+    for rel, path in _walk_local(_local(uri)):
+        yield rel, _size(path)
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, str]]:
+    """(name relative to ``root`` with ``/`` separators, path) of every local file under
+    ``root``, sorted; symlinked folders are not followed."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
         for name in sorted(filenames):
             rel = name if rel_dir == "." else os.path.join(rel_dir, name)
-            yield os.fsdecode(rel).replace(os.sep, "/"), _size(os.path.join(dirpath, name))
+            yield os.fsdecode(rel).replace(os.sep, "/"), os.path.join(dirpath, name)
 
 
 def list_files(uri: str, config: S3Config | None = None) -> list[str]:
@@ -312,9 +318,9 @@ def walk_folder(
         for obj in s3.iter_objects(bucket, f"{prefix}{folder}/", config):
             yield obj.key[len(prefix) :], obj.size, obj.etag
         return
-    base = join(root, folder)
-    for rel, size in walk(base, config):
-        yield f"{folder}/{rel}", size, local_stamp(os.path.join(_local(base), rel))
+    for rel, path in _walk_local(_local(join(root, folder))):
+        size, stamp = _size_and_stamp(path)
+        yield f"{folder}/{rel}", size, stamp
 
 
 def local_stamp(path: str) -> str:
@@ -322,8 +328,14 @@ def local_stamp(path: str) -> str:
     change times and its inode (``cp -p``, ``rsync -t`` or ``tar x`` keep the
     modification time, and a rename swaps inodes; nobody can set the change time);
     ``""`` when it cannot be read."""
+    return _size_and_stamp(path)[1]
+
+
+def _size_and_stamp(path: str) -> tuple[int, str]:
+    """A local file's size (-1 when it cannot be read, as :func:`_size`) and
+    :func:`local_stamp`, from one ``stat``."""
     try:
         st = os.stat(path)
     except OSError:
-        return ""
-    return f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+        return -1, ""
+    return st.st_size, f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"

@@ -122,22 +122,23 @@ class _ReconcileFn(beam.DoFn):
                 rows.update((row.key, row) for row in members)
             else:
                 refs.extend(members)
-        fresh, held = [], []
+        fresh, held, dropped = [], [], []
         for ref in refs:
             row = rows.pop(ref.key, None)
             if row is None:
                 fresh.append(ref)
             elif ref.size != row.size:
                 fresh.append(ref)
-                yield pvalue.TaggedOutput(DROPPED, (row.file, row.key))
+                dropped.append(row)
             elif ref.stamp and ref.stamp == row.stamp:
                 held.append((ref._replace(sha256=row.sha256), row.file))
             else:
                 yield pvalue.TaggedOutput("suspect", (ref, row))
-        for row in rows.values():  # no longer listed
+        dropped.extend(rows.values())  # no longer listed
+        for row in dropped:
             yield pvalue.TaggedOutput(DROPPED, (row.file, row.key))
         self._held.inc(len(held))
-        self._dropped.inc(len(rows))
+        self._dropped.inc(len(dropped))
         if fresh:
             yield fresh
         if held:
@@ -153,6 +154,8 @@ class _RecheckFn(beam.DoFn):
         self._input = input_root
         self._gets = max_concurrent_gets
         self._config = config
+        self._held = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "append_held")
+        self._dropped = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "append_dropped")
 
     def setup(self) -> None:
         threads = self._gets if s3.is_s3(self._input) else 2 * usable_cpus()
@@ -171,8 +174,10 @@ class _RecheckFn(beam.DoFn):
     def process(self, pairs: list):
         for (ref, row), result in self._pool.map(self._check, pairs):
             if isinstance(result, ImageRef) and result.sha256 == row.sha256:
+                self._held.inc()
                 yield pvalue.TaggedOutput(HELD, [(result, row.file)])
                 continue
+            self._dropped.inc()
             yield pvalue.TaggedOutput(DROPPED, (row.file, row.key))
             if isinstance(result, Rejection):
                 yield pvalue.TaggedOutput(REJECTED, count_rejection(result))

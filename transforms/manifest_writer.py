@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-from collections import Counter
 
 import apache_beam as beam
 from apache_beam import pvalue
@@ -90,7 +89,7 @@ def _entry(shard: dict) -> dict:
     return {key: shard[key] for key in ("file", "examples", "bytes", "sha256")}
 
 
-def _full_splits(run: OutputRun, shards: list[dict]) -> dict[str, tuple[list[dict], Counter]]:
+def _full_splits(run: OutputRun, shards: list[dict]) -> dict[str, tuple[list[dict], collections.Counter]]:
     """A full conversion's splits: its shards, numbered ``00000 .. N-1`` of ``N`` without
     a gap (a shard whose every image was rejected was not written: the others of its
     split are renamed, each with its key index)."""
@@ -115,13 +114,13 @@ def _full_splits(run: OutputRun, shards: list[dict]) -> dict[str, tuple[list[dic
     return splits
 
 
-def _appended_splits(base: dict, shards: list[dict]) -> dict[str, tuple[list[dict], Counter]]:
+def _appended_splits(base: dict, shards: list[dict]) -> dict[str, tuple[list[dict], collections.Counter]]:
     """An append's splits: the committed shards it did not replace, its copies of those
     it did (less the changed and deleted sources' records), and its new shards, in
     name order; names may skip numbers (a replaced shard's, an empty group's)."""
     replaced = {s["replaces"] for s in shards if "replaces" in s}
     entries: dict[str, list[dict]] = collections.defaultdict(list)
-    counts: dict[str, Counter] = collections.defaultdict(collections.Counter)
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for split, entry in base["splits"].items():
         entries[split] += [e for e in entry["shards"] if e["file"] not in replaced]
         counts[split].update(entry["class_counts"])

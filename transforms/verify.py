@@ -378,7 +378,7 @@ class _VerifyShardFn(beam.DoFn):
         try:
             keys = [storage.printable(row.key) for row in decode_index(data, file)]
         except KeyIndexError as e:
-            return str(e).split(": run a full convert")[0]
+            return str(e)
         if keys != names:
             return (
                 f"its key index ({index_name(file)}) lists {len(keys)} keys that differ "
